@@ -1,0 +1,1 @@
+"""Event schema and log backends."""

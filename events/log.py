@@ -1,0 +1,71 @@
+"""The one ``EventLog`` interface every backend (embedded, Kafka) implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+
+import msgspec
+
+from events.schema import Event
+
+Position = dict[int, int]
+"""Next offset to read, per partition (the embedded log has partition 0 only)."""
+
+
+class Record(msgspec.Struct, frozen=True):
+    """An event as stored in the log, with its place in it."""
+
+    partition: int
+    offset: int
+    event: Event
+
+
+class LogError(Exception):
+    """The log cannot be used (unreachable, unwritable, closed)."""
+
+
+class LogCorruption(LogError):
+    """A stored record is damaged or undecodable; names where."""
+
+    def __init__(self, partition: int, offset: int, reason: str) -> None:
+        super().__init__(f"corrupt record at partition {partition} offset {offset}: {reason}")
+        self.partition = partition
+        self.offset = offset
+        self.reason = reason
+
+
+class EventLog(abc.ABC):
+    """Append-only, ordered, durable log of events.
+
+    ``append`` returns only once the events are durable; records of one key
+    (AoR) keep their order. ``read`` replays what exists; ``follow`` keeps
+    yielding as new records are appended (by this process or another node).
+    """
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Open (creating if needed) and check the log; raises LogError/LogCorruption."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush and release resources."""
+
+    @abc.abstractmethod
+    async def append(self, events: Sequence[Event]) -> list[tuple[int, int]]:
+        """Durably append ``events``; returns their ``(partition, offset)`` in order."""
+
+    @abc.abstractmethod
+    async def end_position(self) -> Position:
+        """The next offset per partition: reading up to it covers everything appended so far."""
+
+    @abc.abstractmethod
+    def read(self, start: Position | None = None, end: Position | None = None,
+             batch_size: int = 10_000) -> AsyncIterator[list[Record]]:
+        """Yield batches of records from ``start`` (default: beginning) up to ``end``
+        (default: the end position when called), then stop."""
+
+    @abc.abstractmethod
+    def follow(self, start: Position | None = None,
+               batch_size: int = 10_000) -> AsyncIterator[list[Record]]:
+        """Like ``read`` without an end: waits for and yields new records forever."""

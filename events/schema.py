@@ -1,0 +1,100 @@
+"""Versioned event schema: the only truth siphon keeps.
+
+Every event is a msgspec struct tagged with ``<kind>.v<N>``. A tag, once
+released, is never changed nor removed: replay reads years of history, so a
+new version of an event gets a new struct (and an upcaster in
+``events.codec``), the old one stays decodable.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Binding(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One registered contact as recorded in a binding event."""
+
+    key: str
+    """Identity of the binding inside its AoR: ``+sip.instance`` (plus
+    ``reg-id``) when the UA sent one, else the normalised Contact URI."""
+    uri: str
+    """Contact URI exactly as registered (with its URI parameters)."""
+    expires_at: float
+    """Absolute expiry, Unix seconds."""
+    q: float = 1.0
+    call_id: str = ""
+    cseq: int = 0
+    source: str = ""
+    """Packet source of the REGISTER, ``ip:port``."""
+    transport: str = "udp"
+    """Arrival transport, lower case."""
+    local: str = ""
+    """Local listener address the REGISTER arrived on, ``ip:port``."""
+    conn_id: str = ""
+    """Stream connection the REGISTER came over (empty for UDP)."""
+    instance: str = ""
+    reg_id: int = 0
+    path: list[str] = msgspec.field(default_factory=list)
+    params: list[tuple[str, str | None]] = msgspec.field(default_factory=list)
+    """Contact header parameters other than expires and q."""
+    user_agent: str = ""
+    registered_at: float = 0.0
+    """When this binding was created or last refreshed, Unix seconds."""
+    node: str = ""
+    """Node that accepted the REGISTER (and holds its flow)."""
+
+
+class _Event(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True):
+    ts: float
+    """When the event was produced, Unix seconds."""
+    node: str
+    """Node id of the producer."""
+
+
+class BindingAdded(_Event, tag="binding.added.v1"):
+    """A new binding for an AoR (``registered``)."""
+
+    aor: str
+    binding: Binding
+
+
+class BindingRefreshed(_Event, tag="binding.refreshed.v1"):
+    """An existing binding (same key) re-registered (``refreshed``)."""
+
+    aor: str
+    binding: Binding
+
+
+class BindingRemoved(_Event, tag="binding.removed.v1"):
+    """A binding removed by Expires 0, ``*``, admin DELETE (``deregistered``)."""
+
+    aor: str
+    key: str
+    reason: str = "deregistered"
+    """``deregistered`` (by the UA), ``admin`` or ``replaced``."""
+    call_id: str = ""
+    cseq: int = 0
+    source: str = ""
+    transport: str = ""
+    user_agent: str = ""
+
+
+class BindingExpired(_Event, tag="binding.expired.v1"):
+    """A binding whose lifetime ran out, appended by the expiry sweeper."""
+
+    aor: str
+    key: str
+    expires_at: float
+
+
+RegistrarEvent = BindingAdded | BindingRefreshed | BindingRemoved | BindingExpired
+
+Event = RegistrarEvent
+"""Union of every event type the log may hold (grows with trunks etc.)."""
+
+EVENT_TYPES: tuple[type, ...] = (BindingAdded, BindingRefreshed, BindingRemoved, BindingExpired)
+
+
+def event_key(event: Event) -> str:
+    """Partitioning key: events with the same key keep their relative order."""
+    return event.aor

@@ -1,0 +1,1 @@
+"""In-memory and DuckDB projections of the event log."""

@@ -1,0 +1,81 @@
+"""Feeds a projection from an EventLog: rebuild at start, then follow live."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections.abc import Callable
+
+from events.log import EventLog, Position, Record
+from projections import registrar as reg
+
+log = logging.getLogger("siphon.projection")
+
+Listener = Callable[[Record, str], None]
+"""Called after each applied record with its on_change type (sync, must not block)."""
+
+
+class ProjectionRunner:
+    """Applies log records to a :class:`RegistrarState` in log order.
+
+    ``rebuild()`` replays the log up to its current end; ``run()`` then follows
+    it. ``wait_applied(partition, offset)`` lets a writer wait until its own
+    append is reflected in the state, so replies are built from the log.
+    """
+
+    def __init__(self, log_: EventLog, state: reg.RegistrarState | None = None) -> None:
+        self.log = log_
+        self.state = state if state is not None else reg.RegistrarState()
+        self.listeners: list[Listener] = []
+        self._waiters: dict[int, list[tuple[int, int, asyncio.Future[None]]]] = {}
+        self._seq = 0
+        self.applied = 0
+
+    def _apply_batch(self, records: list[Record]) -> None:
+        state = self.state
+        listeners = self.listeners
+        for rec in records:
+            change = reg.apply_record(state, rec.partition, rec.offset, rec.event)
+            if change is not None:
+                for listener in listeners:
+                    listener(rec, change)
+        self.applied += len(records)
+        self._wake()
+
+    def _wake(self) -> None:
+        for partition, heap in self._waiters.items():
+            done = self.state.position.get(partition, 0)
+            while heap and heap[0][0] < done:
+                _, _, fut = heapq.heappop(heap)
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def rebuild(self, progress: Callable[[int, float], None] | None = None) -> int:
+        """Apply everything in the log up to its end now; returns records applied."""
+        start = time.monotonic()
+        before = self.applied
+        async for batch in self.log.read(dict(self.state.position) or None):
+            self._apply_batch(batch)
+            if progress is not None:
+                progress(self.applied - before, time.monotonic() - start)
+        return self.applied - before
+
+    async def run(self) -> None:
+        """Follow the log forever from the current position."""
+        async for batch in self.log.follow(dict(self.state.position) or None):
+            self._apply_batch(batch)
+
+    async def wait_applied(self, partition: int, offset: int) -> None:
+        """Return once the record at ``offset`` of ``partition`` has been applied."""
+        if self.state.position.get(partition, 0) > offset:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._seq += 1
+        heapq.heappush(self._waiters.setdefault(partition, []), (offset, self._seq, fut))
+        await fut
+
+    @property
+    def position(self) -> Position:
+        return dict(self.state.position)

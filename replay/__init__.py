@@ -1,0 +1,1 @@
+"""Replay, snapshots, warm boot and disaster-recovery tooling (see issue 6)."""

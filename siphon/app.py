@@ -1,0 +1,179 @@
+"""A running siphon node: log, projection, registrar, script, transports, admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from aiohttp import web
+
+from events.embedded import EmbeddedLog
+from events.log import EventLog, LogError, Record
+from projections.registrar import CHANGE_TYPES
+from projections.runner import ProjectionRunner
+from siphon.admin import AdminApi
+from siphon.auth.service import AuthService
+from siphon.config import Config
+from siphon.core import SipCore
+from siphon.registrar.plan import Limits
+from siphon.registrar.service import Registrar
+from siphon.script import namespaces
+from siphon.script import registry as reg
+from siphon.script.loader import load_script
+from siphon.transport import Transports
+
+log = logging.getLogger("siphon")
+
+
+class StartupError(Exception):
+    """The node cannot start; the message says why."""
+
+
+def make_log(cfg: Config) -> EventLog:
+    """The EventLog backend the config asks for."""
+    if cfg.registrar.backend == "embedded":
+        return EmbeddedLog(cfg.registrar.path, group_commit_max=cfg.registrar.group_commit_max)
+    raise StartupError(
+        f"registrar.backend {cfg.registrar.backend!r} is not available in this build")
+
+
+class Node:
+    """Everything one ``siphon run`` process holds."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.node = cfg.server.instance_id
+        self.started_at = time.time()
+        self.realm = cfg.auth.realm
+        self.log = make_log(cfg)
+        self.runner = ProjectionRunner(self.log)
+        r = cfg.registrar
+        self.registrar = Registrar(
+            self.log, self.runner,
+            Limits(r.default_expires, r.min_expires, r.max_expires, r.max_contacts), self.node)
+        self.auth = AuthService(cfg.auth)
+        self.transports = Transports(self._receive, max_message_size=cfg.server.max_message_size,
+                                     idle_timeout=cfg.server.tcp_idle_timeout,
+                                     max_connections=cfg.server.max_connections)
+        self.core = SipCore(
+            domains=cfg.domain.local, registrar=self.registrar, auth=self.auth,
+            send=self.transports.send, server_header=cfg.server.server_header,
+            max_message_size=cfg.server.max_message_size, max_headers=cfg.server.max_headers,
+            enforce_auth_aor_match=r.enforce_auth_aor_match,
+        )
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.admin_runner: web.AppRunner | None = None
+        self.stopping = asyncio.Event()
+        self.on_change_failures = 0
+
+    def clock(self) -> float:
+        return time.time()
+
+    def _receive(self, data: bytes, source: Any) -> None:
+        self.core.receive(data, source)
+
+    # ---- start-up --------------------------------------------------------------------
+    async def start(self) -> None:
+        namespaces.bind(self)
+        if self.cfg.script.path:
+            reg.registry = load_script(self.cfg.script.path, self.cfg.script.include_paths)
+        await self.log.open()
+        # Rebuilding reads every record through the backend's checks (CRC, decoding,
+        # gaps), so a damaged log stops start-up with the offset named.
+        t0 = time.monotonic()
+        count = await self.runner.rebuild(progress=self._rebuild_progress)
+        took = time.monotonic() - t0
+        log.info("projection rebuilt from %d events in %.2fs: %d AoRs, %d bindings",
+                 count, took, len(self.runner.state.aors), self.runner.state.binding_count())
+        change_start = await self.log.end_position()
+        self.tasks.append(asyncio.create_task(self.runner.run(), name="projection"))
+        self.tasks.append(asyncio.create_task(self._dispatch_on_change(change_start),
+                                              name="on_change"))
+        self.tasks.append(asyncio.create_task(
+            self.registrar.run_sweeper(self.cfg.registrar.sweep_interval), name="sweeper"))
+        for lst in self.cfg.listen.udp:
+            bound = await self.transports.listen_udp(lst.host, lst.port)
+            log.info("listening on udp %s:%d", *bound)
+        for lst in self.cfg.listen.tcp:
+            bound = await self.transports.listen_tcp(lst.host, lst.port)
+            log.info("listening on tcp %s:%d", *bound)
+        if self.cfg.admin is not None:
+            api = AdminApi(self.registrar, lambda: self.core.ready and not self.core.draining,
+                           token=self.cfg.admin.auth.token,
+                           protect_reads=self.cfg.admin.auth.protect_reads)
+            self.admin_runner = web.AppRunner(api.app(), access_log=None)
+            await self.admin_runner.setup()
+            host, port = self.cfg.admin.host_port
+            site = web.TCPSite(self.admin_runner, host, port)
+            await site.start()
+            log.info("admin API on http://%s:%d", host, port)
+        self.core.ready = True
+        log.info("siphon node %s ready", self.node)
+
+    def _rebuild_progress(self, done: int, elapsed: float) -> None:
+        if done and done % 200_000 < 10_000:
+            log.info("rebuilding projection: %d events (%.0f/s)", done, done / max(elapsed, 1e-9))
+
+    async def _dispatch_on_change(self, start: dict[int, int]) -> None:
+        """Run ``@registrar.on_change`` callbacks for every event appended after start-up,
+        in log order, once this node's projection has applied it."""
+        async for batch in self.log.follow(start or None):
+            for rec in batch:
+                change = CHANGE_TYPES.get(type(rec.event))
+                if change is None or not reg.registry.on_change:
+                    continue
+                await self.runner.wait_applied(rec.partition, rec.offset)
+                await self._run_on_change(rec, change)
+
+    async def _run_on_change(self, rec: Record, change: str) -> None:
+        aor = rec.event.aor
+        contacts = namespaces.contacts_of(aor)
+        for handler in reg.registry.on_change:
+            try:
+                result = handler.fn(aor, change, contacts)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                self.on_change_failures += 1
+                log.exception("on_change handler %s failed for %s %s",
+                              getattr(handler.fn, "__name__", handler.fn), aor, change)
+
+    # ---- shutdown --------------------------------------------------------------------
+    async def stop(self) -> None:
+        await self.core.drain(timeout=min(5.0, float(self.cfg.server.drain_secs)))
+        await self.transports.close()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+        if self.auth.http is not None:
+            await self.auth.http.close()
+        try:
+            await self.log.close()
+        except LogError as exc:
+            log.warning("closing the log: %s", exc)
+        namespaces.bind(None)
+
+
+async def serve(cfg: Config) -> None:
+    """Run a node until SIGTERM/SIGINT."""
+    node = Node(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, node.stopping.set)
+    try:
+        await node.start()
+    except BaseException:
+        await node.stop()
+        raise
+    await node.stopping.wait()
+    log.info("shutting down")
+    await node.stop()

@@ -1,0 +1,235 @@
+"""The SIP core: from received bytes to transactions, the script and the registrar.
+
+Transports call :meth:`SipCore.receive` with the octets of one message and
+where they came from; the core answers through the ``send`` callback the
+server installs (responses go back to the packet source, over the same
+connection for stream transports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from siphon.auth.service import AuthService
+from siphon.registrar.aor import aor_of
+from siphon.registrar.plan import RegisterInput
+from siphon.registrar.service import Registrar
+from siphon.script import registry as reg
+from siphon.script.request import ScriptRequest, Source
+from siphon.sip.errors import SipSyntaxError
+from siphon.sip.headers import parse_uint
+from siphon.sip.message import Headers, Request, Response, make_response
+from siphon.sip.parser import ParseError, parse_message
+from siphon.sip.transaction import ServerTransactionTable
+
+log = logging.getLogger("siphon.core")
+
+SUPPORTED_EXTENSIONS = frozenset({"path"})
+_SCHEMES = frozenset({"sip", "sips", "tel"})
+_COPY_ON_ERROR = ("Via", "From", "To", "Call-ID", "CSeq")
+
+
+class SipCore:
+    """Dispatches SIP requests; sans sockets (``send`` is injected)."""
+
+    def __init__(self, *, domains: list[str], registrar: Registrar, auth: AuthService,
+                 send: Callable[[bytes, Source], None], server_header: str = "siphon",
+                 max_message_size: int = 65535, max_headers: int = 256,
+                 enforce_auth_aor_match: bool = False, max_inflight: int = 5000,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.domains = frozenset(d.lower() for d in domains)
+        self.registrar = registrar
+        self.auth = auth
+        self.send = send
+        self.server_header = server_header
+        self.max_message_size = max_message_size
+        self.max_headers = max_headers
+        self.enforce_auth_aor_match = enforce_auth_aor_match
+        self.max_inflight = max_inflight
+        self.clock = clock
+        self.transactions = ServerTransactionTable(time.monotonic)
+        self.ready = False
+        self.draining = False
+        self.inflight = 0
+        self.counters: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    # ---- entry point -------------------------------------------------------------
+    def receive(self, data: bytes, source: Source) -> None:
+        """Handle the octets of one message (a datagram or a framed stream message)."""
+        try:
+            msg = parse_message(data, datagram=source.transport == "udp",
+                                max_size=self.max_message_size, max_headers=self.max_headers)
+        except ParseError as exc:
+            self._count("parse_errors")
+            log.debug("bad message from %s: %s", source.remote_text, exc.reason)
+            if exc.partial is not None and exc.partial.headers.get("Via"):
+                self._reply_error(exc.partial, source, exc.status, exc.reason)
+            return
+        if isinstance(msg, Response):
+            self._count("responses_unmatched")  # no client transactions yet: drop
+            return
+        assert isinstance(msg, Request)
+        if self.inflight >= self.max_inflight:
+            self._count("overload_dropped")
+            return
+        self.inflight += 1
+        task = asyncio.get_running_loop().create_task(self._handle(msg, source))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self.inflight -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request handling failed", exc_info=task.exception())
+
+    def _reply_error(self, partial: Request, source: Source, status: int, reason: str) -> None:
+        headers = Headers()
+        for name in _COPY_ON_ERROR:
+            for value in partial.headers.get_all(name):
+                headers.add(name, value)
+        resp = Response(status, None, headers)
+        resp.headers.add("Server", self.server_header)
+        resp.headers.add("Warning", f'399 siphon "{reason[:120]}"')
+        self.send(resp.encode(), source)
+
+    # ---- transactions --------------------------------------------------------------
+    async def _handle(self, req: Request, source: Source) -> None:
+        self._count(f"requests_{req.method}" if req.method.isalpha() else "requests_other")
+        if req.method == "ACK":
+            tx = self.transactions.match(req)
+            if tx is not None:
+                tx.on_ack(time.monotonic())
+            return  # ACK for a 2xx goes end to end (proxy): nothing to do here yet
+        tx = self.transactions.match(req)
+        if tx is not None:
+            self._count("retransmissions")
+            wire = tx.on_retransmission()
+            if wire is not None:
+                self.send(wire, source)
+            return
+        tx = self.transactions.create(req, reliable=source.transport != "udp")
+        if tx is None:
+            self.send(self._response(req, 503, "Service Unavailable",
+                                     [("Retry-After", "5")]).encode(), source)
+            return
+        try:
+            resp = await self._process(req, source)
+        except Exception:
+            log.exception("internal error handling %s %s", req.method, req.uri)
+            resp = self._response(req, 500, "Server Internal Error")
+        if resp is None:
+            self.transactions.discard(tx)  # silent drop: a retransmission runs it again
+            return
+        wire = resp.encode()
+        tx.on_response(resp.status, wire, time.monotonic())
+        self._count(f"responses_{resp.status}")
+        self.send(wire, source)
+
+    def _response(self, req: Request, status: int, reason: str | None = None,
+                  headers: list[tuple[str, str]] | None = None) -> Response:
+        resp = make_response(req, status, reason, to_tag=secrets.token_hex(5))
+        for name, value in headers or ():
+            resp.headers.add(name, value)
+        resp.headers.add("Server", self.server_header)
+        return resp
+
+    # ---- request processing ----------------------------------------------------------
+    async def _process(self, req: Request, source: Source) -> Response | None:
+        if not self.ready or self.draining:
+            return self._response(req, 503, "Service Unavailable", [("Retry-After", "2")])
+        if req.ruri.scheme not in _SCHEMES:
+            return self._response(req, 416, None)
+        unsupported = [t for t in req.headers.get_list("Proxy-Require")
+                       if t.lower() not in SUPPORTED_EXTENSIONS]
+        if req.method == "REGISTER":
+            unsupported += [t for t in req.headers.get_list("Require")
+                            if t.lower() not in SUPPORTED_EXTENSIONS]
+        if unsupported:
+            return self._response(req, 420, None, [("Unsupported", ", ".join(unsupported))])
+        mf = req.headers.get("Max-Forwards")
+        if mf is not None and int(mf.strip()) == 0 and req.method != "REGISTER":
+            return self._response(req, 483, None)
+        handlers = reg.registry.request_handlers(req.method)
+        if not handlers:
+            return self._response(req, 500, "No Script Handler")
+        await self.auth.prefetch(req)
+        sreq = ScriptRequest(req, source, self.domains)
+        for handler in handlers:
+            try:
+                result = handler.fn(sreq)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("script handler %s raised on %s %s",
+                               getattr(handler.fn, "__name__", handler.fn), req.method, req.uri)
+                return self._response(req, 500, "Script Error")
+        action = sreq.action
+        if action is None:
+            return None
+        if action.kind == "reply":
+            resp = self._response(req, action.code, action.reason, sreq.reply_headers)
+            if sreq.reply_body is not None:
+                resp.body, ctype = sreq.reply_body
+                resp.headers.set("Content-Type", ctype)
+            return resp
+        if action.kind == "save":
+            return await self._save(req, source, sreq)
+        # relay / fork: the stateful proxy is not part of this build yet.
+        return self._response(req, 501, "Proxying Not Implemented")
+
+    async def _save(self, req: Request, source: Source, sreq: ScriptRequest) -> Response:
+        try:
+            to = req.to
+            aor = aor_of(to.uri)
+        except SipSyntaxError as exc:
+            return self._response(req, 400, f"Invalid AoR: {exc.reason}"[:100])
+        if to.uri.host.lower() not in self.domains:
+            return self._response(req, 404, "Not Found (domain not served here)")
+        if self.enforce_auth_aor_match and sreq.auth_user is not None and (
+                sreq.auth_user != (to.uri.user or "")):
+            return self._response(req, 403, "Forbidden (credentials do not match the AoR)")
+        expires_text = req.headers.get("Expires")
+        inp = RegisterInput(
+            aor=aor,
+            contacts=req.name_addrs("Contact"),
+            expires_header=parse_uint(expires_text, "Expires", 2**32 - 1)
+            if expires_text is not None else None,
+            call_id=req.call_id,
+            cseq=req.cseq[0],
+            source=source.remote_text,
+            transport=source.transport,
+            local=source.local_text,
+            conn_id=source.conn_id,
+            user_agent=req.headers.get("User-Agent") or "",
+            path=req.headers.get_list("Path"),
+        )
+        result = await self.registrar.save(inp)
+        headers = list(result.headers)
+        if result.status == 200:
+            now = self.clock()
+            for b in result.bindings:
+                contact = f"<{b.uri}>;expires={max(0, int(b.expires_at - now))}"
+                if b.q != 1.0:
+                    contact += f";q={b.q:g}"
+                headers.append(("Contact", contact))
+            headers.append(("Date", email.utils.formatdate(now, usegmt=True)))
+            headers.extend(("Path", p) for p in inp.path)
+            headers.extend(sreq.reply_headers)
+        return self._response(req, result.status, result.reason, headers)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking new requests and wait (bounded) for those in flight."""
+        self.draining = True
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)

@@ -1,0 +1,1 @@
+"""The operator-facing scripting API and the machinery that loads and runs scripts."""

@@ -1,0 +1,315 @@
+"""Structured SIP header values (RFC 3261 §20, §25): name-addr, Via, CSeq, lists."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from siphon.sip.errors import SipSyntaxError
+from siphon.sip.uri import SipUri, parse_host, parse_uri
+
+COMPACT_FORMS = {
+    "i": "Call-ID", "m": "Contact", "e": "Content-Encoding", "l": "Content-Length",
+    "c": "Content-Type", "f": "From", "s": "Subject", "k": "Supported", "t": "To",
+    "v": "Via", "o": "Event", "r": "Refer-To", "b": "Referred-By", "x": "Session-Expires",
+    "u": "Allow-Events", "a": "Accept-Contact", "j": "Reject-Contact",
+    "d": "Request-Disposition", "y": "Identity", "n": "Identity-Info",
+}
+_CANONICAL = {
+    name.lower(): name
+    for name in (
+        "Accept", "Accept-Encoding", "Accept-Language", "Alert-Info", "Allow", "Authentication-Info",
+        "Authorization", "Call-ID", "Call-Info", "Contact", "Content-Disposition",
+        "Content-Encoding", "Content-Language", "Content-Length", "Content-Type", "CSeq", "Date",
+        "Error-Info", "Expires", "From", "In-Reply-To", "Max-Forwards", "Min-Expires",
+        "MIME-Version", "Organization", "Path", "Priority", "Proxy-Authenticate",
+        "Proxy-Authorization", "Proxy-Require", "Record-Route", "Reply-To", "Require",
+        "Retry-After", "Route", "Server", "Subject", "Supported", "Timestamp", "To",
+        "Unsupported", "User-Agent", "Via", "Warning", "WWW-Authenticate", "Event",
+        "Allow-Events", "Session-Expires", "Min-SE", "RSeq", "RAck", "Flow-Timer",
+    )
+}
+# Headers whose grammar is a comma-separated list (may be split / combined).
+LIST_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        "Via", "Contact", "Route", "Record-Route", "Path", "Allow", "Supported", "Require",
+        "Proxy-Require", "Unsupported", "Accept", "Accept-Encoding", "Accept-Language",
+        "Content-Encoding", "Content-Language", "Allow-Events", "Alert-Info", "Call-Info",
+        "Error-Info", "In-Reply-To", "Warning",
+    )
+)
+# Headers that must not appear more than once (RFC 3261 §20 / RFC 4475 §3.3.8).
+SINGLE_HEADERS = frozenset(
+    ("to", "from", "call-id", "cseq", "max-forwards", "content-length", "content-type", "expires")
+)
+_TOKEN_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
+)
+_LWS = " \t"
+_CSEQ_RE = re.compile(r"(\d{1,10})[ \t]+(\S+)")
+
+
+def canonical_name(name: str) -> str:
+    """Full, conventionally capitalised header name (expands compact forms)."""
+    lname = name.lower()
+    full = COMPACT_FORMS.get(lname)
+    if full is not None:
+        return full
+    return _CANONICAL.get(lname, name)
+
+
+def is_token(text: str) -> bool:
+    return bool(text) and all(ch in _TOKEN_CHARS for ch in text)
+
+
+def split_list(value: str) -> list[str]:
+    """Split a comma-separated header value, honouring quotes and <...>."""
+    if "," not in value:
+        v = value.strip()
+        return [v] if v else []
+    out: list[str] = []
+    depth = 0
+    quoted = False
+    start = 0
+    i = 0
+    n = len(value)
+    while i < n:
+        ch = value[i]
+        if quoted:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            out.append(value[start:i].strip())
+            start = i + 1
+        i += 1
+    out.append(value[start:].strip())
+    return out
+
+
+def _read_quoted(text: str, pos: int) -> tuple[str, int]:
+    """Read a quoted-string starting at ``text[pos] == '"'``; returns (raw incl quotes, end)."""
+    i = pos + 1
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == '"':
+            return text[pos : i + 1], i + 1
+        i += 1
+    raise SipSyntaxError("unterminated quoted string")
+
+
+def _skip_lws(text: str, pos: int) -> int:
+    n = len(text)
+    while pos < n and text[pos] in _LWS:
+        pos += 1
+    return pos
+
+
+def parse_params(text: str, pos: int) -> tuple[list[tuple[str, str | None]], int]:
+    """Parse ``*( SEMI generic-param )`` from ``pos``; stops at ',' or the end."""
+    params: list[tuple[str, str | None]] = []
+    n = len(text)
+    while True:
+        pos = _skip_lws(text, pos)
+        if pos >= n or text[pos] == ",":
+            return params, pos
+        if text[pos] != ";":
+            raise SipSyntaxError(f"unexpected {text[pos]!r} in parameters")
+        pos = _skip_lws(text, pos + 1)
+        start = pos
+        while pos < n and text[pos] in _TOKEN_CHARS:
+            pos += 1
+        name = text[start:pos]
+        if not name:
+            raise SipSyntaxError("empty parameter")
+        pos = _skip_lws(text, pos)
+        value: str | None = None
+        if pos < n and text[pos] == "=":
+            pos = _skip_lws(text, pos + 1)
+            if pos < n and text[pos] == '"':
+                value, pos = _read_quoted(text, pos)
+            else:
+                start = pos
+                while pos < n and text[pos] not in ";, \t":
+                    pos += 1
+                value = text[start:pos]
+                if not value:
+                    raise SipSyntaxError(f"empty value for parameter {name!r}")
+        params.append((name, value))
+
+
+def get_param(params: list[tuple[str, str | None]], name: str) -> str | None:
+    """Parameter value ("" for a flag) by case-insensitive name, None when absent."""
+    lname = name.lower()
+    for key, value in params:
+        if key.lower() == lname:
+            return "" if value is None else value
+    return None
+
+
+def unquote_param(value: str) -> str:
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        inner = value[1:-1]
+        return re.sub(r"\\(.)", r"\1", inner) if "\\" in inner else inner
+    return value
+
+
+def format_params(params: list[tuple[str, str | None]]) -> str:
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params)
+
+
+@dataclass(slots=True)
+class NameAddr:
+    """``[display-name] <uri> *(;param)`` or ``addr-spec *(;param)`` (From, To, Contact, Route)."""
+
+    uri: SipUri
+    display: str | None = None
+    params: list[tuple[str, str | None]] = field(default_factory=list)
+    wildcard: bool = False
+
+    def param(self, name: str) -> str | None:
+        return get_param(self.params, name)
+
+    def set_param(self, name: str, value: str | None) -> None:
+        lname = name.lower()
+        self.params = [(k, v) for k, v in self.params if k.lower() != lname]
+        self.params.append((name, value))
+
+    @property
+    def tag(self) -> str | None:
+        return self.param("tag")
+
+    def __str__(self) -> str:
+        if self.wildcard:
+            return "*"
+        head = f"{self.display} " if self.display else ""
+        return f"{head}<{self.uri}>{format_params(self.params)}"
+
+
+def parse_name_addr(value: str, *, allow_wildcard: bool = False) -> NameAddr:
+    """Parse one From/To/Contact/Route value (strict about RFC 4475 §3.1.2 cases)."""
+    text = value.strip()
+    if allow_wildcard and text == "*":
+        return NameAddr(SipUri("sip"), wildcard=True)
+    n = len(text)
+    pos = 0
+    display: str | None = None
+    if text.startswith('"'):
+        display, pos = _read_quoted(text, 0)
+        pos = _skip_lws(text, pos)
+        if pos >= n or text[pos] != "<":
+            raise SipSyntaxError("quoted display name not followed by <uri>")
+    else:
+        lt = text.find("<")
+        if lt >= 0:
+            words = text[:lt].split()
+            for word in words:
+                if not is_token(word):
+                    raise SipSyntaxError(f"bad display name {text[:lt].strip()!r}")
+            display = " ".join(words) or None
+            pos = lt
+    if pos < n and text[pos] == "<":
+        end = text.find(">", pos)
+        if end < 0:
+            raise SipSyntaxError("missing '>' in name-addr")
+        inner = text[pos + 1 : end]
+        if not inner or inner != inner.strip():
+            raise SipSyntaxError("whitespace inside <addr-spec>")
+        uri = parse_uri(inner)
+        params, pos = parse_params(text, end + 1)
+    else:
+        # addr-spec form: the URI ends at the first ';', and must not carry headers.
+        end = pos
+        while end < n and text[end] not in "; \t,":
+            end += 1
+        uri_text = text[pos:end]
+        if "?" in uri_text:
+            raise SipSyntaxError("URI with '?' must be enclosed in <>")
+        uri = parse_uri(uri_text)
+        params, pos = parse_params(text, end)
+    if pos != n:
+        raise SipSyntaxError(f"trailing characters in {text!r}")
+    return NameAddr(uri, display, params)
+
+
+@dataclass(slots=True)
+class Via:
+    """One Via value: ``SIP/2.0/<transport> host[:port] *(;param)``."""
+
+    transport: str
+    host: str
+    port: int | None = None
+    params: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def param(self, name: str) -> str | None:
+        return get_param(self.params, name)
+
+    def set_param(self, name: str, value: str | None) -> None:
+        lname = name.lower()
+        for i, (key, _) in enumerate(self.params):
+            if key.lower() == lname:
+                self.params[i] = (key, value)
+                return
+        self.params.append((name, value))
+
+    @property
+    def branch(self) -> str | None:
+        return self.param("branch")
+
+    @property
+    def sent_by(self) -> str:
+        return self.host if self.port is None else f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"SIP/2.0/{self.transport} {self.sent_by}{format_params(self.params)}"
+
+
+_VIA_RE = re.compile(
+    r"([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*/[ \t]*([0-9.]+)[ \t]*/[ \t]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t]+"
+)
+
+
+def parse_via(value: str) -> Via:
+    """Parse a single Via value (LWS around '/' allowed)."""
+    text = value.strip()
+    m = _VIA_RE.match(text)
+    if not m:
+        raise SipSyntaxError(f"bad Via {text!r}")
+    if m.group(1).upper() != "SIP" or m.group(2) != "2.0":
+        raise SipSyntaxError(f"unsupported Via protocol {m.group(1)}/{m.group(2)}", 505)
+    pos = m.end()
+    end = pos
+    n = len(text)
+    while end < n and text[end] not in "; \t":
+        end += 1
+    host, port = parse_host(text[pos:end])
+    params, pos = parse_params(text, end)
+    if pos != n:
+        raise SipSyntaxError(f"trailing characters in Via {text!r}")
+    return Via(m.group(3).upper(), host, port, params)
+
+
+def parse_cseq(value: str) -> tuple[int, str]:
+    m = _CSEQ_RE.fullmatch(value.strip())
+    if not m or int(m.group(1)) >= 2**31:
+        raise SipSyntaxError(f"bad CSeq {value.strip()!r}")
+    return int(m.group(1)), m.group(2)
+
+
+def parse_uint(value: str, name: str, limit: int) -> int:
+    text = value.strip()
+    if not text.isdigit() or len(text) > 12 or int(text) > limit:
+        raise SipSyntaxError(f"bad {name} {text[:40]!r}")
+    return int(text)

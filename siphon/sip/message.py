@@ -1,0 +1,272 @@
+"""SIP message model: headers, requests, responses and their wire form (pure code)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from siphon.sip.headers import (
+    LIST_HEADERS,
+    NameAddr,
+    Via,
+    canonical_name,
+    parse_cseq,
+    parse_name_addr,
+    parse_via,
+    split_list,
+)
+from siphon.sip.uri import SipUri, parse_uri
+
+_TAG_RE = re.compile(r";\s*tag\s*=", re.IGNORECASE)
+
+REASONS = {
+    100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
+    183: "Session Progress", 200: "OK", 202: "Accepted", 300: "Multiple Choices",
+    301: "Moved Permanently", 302: "Moved Temporarily", 305: "Use Proxy", 380: "Alternative Service",
+    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
+    407: "Proxy Authentication Required", 408: "Request Timeout", 410: "Gone",
+    413: "Request Entity Too Large", 414: "Request-URI Too Long", 415: "Unsupported Media Type",
+    416: "Unsupported URI Scheme", 420: "Bad Extension", 421: "Extension Required",
+    423: "Interval Too Brief", 430: "Flow Failed", 480: "Temporarily Unavailable",
+    481: "Call/Transaction Does Not Exist", 482: "Loop Detected", 483: "Too Many Hops",
+    484: "Address Incomplete", 485: "Ambiguous", 486: "Busy Here", 487: "Request Terminated",
+    488: "Not Acceptable Here", 491: "Request Pending", 493: "Undecipherable",
+    500: "Server Internal Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Server Time-out", 505: "Version Not Supported",
+    513: "Message Too Large", 600: "Busy Everywhere", 603: "Decline",
+    604: "Does Not Exist Anywhere", 606: "Not Acceptable",
+}
+
+
+class Headers:
+    """Ordered, case-insensitive multi-map of header fields.
+
+    Values are kept as received (one entry per header line); list-valued
+    headers are split on demand with :meth:`get_list`.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
+        self._items: list[tuple[str, str]] = []
+        for name, value in items or ():
+            self.add(name, value)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        lname = canonical_name(name).lower()
+        return any(n.lower() == lname for n, _ in self._items)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """First value of ``name`` (case-insensitive, compact forms accepted)."""
+        lname = canonical_name(name).lower()
+        for n, v in self._items:
+            if n.lower() == lname:
+                return v
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        """Every header line of ``name``, unsplit."""
+        lname = canonical_name(name).lower()
+        return [v for n, v in self._items if n.lower() == lname]
+
+    def get_list(self, name: str) -> list[str]:
+        """Every value of a list header, header lines and commas both split."""
+        out: list[str] = []
+        for value in self.get_all(name):
+            out.extend(split_list(value))
+        return out
+
+    def count(self, name: str) -> int:
+        lname = canonical_name(name).lower()
+        return sum(1 for n, _ in self._items if n.lower() == lname)
+
+    def add(self, name: str, value: str, *, first: bool = False) -> None:
+        entry = (canonical_name(name), value)
+        if first:
+            self._items.insert(0, entry)
+        else:
+            self._items.append(entry)
+
+    def insert_before(self, name: str, value: str) -> None:
+        """Insert above the first existing ``name`` header (or append)."""
+        cname = canonical_name(name)
+        lname = cname.lower()
+        for i, (n, _) in enumerate(self._items):
+            if n.lower() == lname:
+                self._items.insert(i, (cname, value))
+                return
+        self._items.append((cname, value))
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every ``name`` header by one with ``value`` (kept in place)."""
+        cname = canonical_name(name)
+        lname = cname.lower()
+        out: list[tuple[str, str]] = []
+        done = False
+        for n, v in self._items:
+            if n.lower() == lname:
+                if not done:
+                    out.append((cname, value))
+                    done = True
+            else:
+                out.append((n, v))
+        if not done:
+            out.append((cname, value))
+        self._items = out
+
+    def remove(self, name: str) -> None:
+        lname = canonical_name(name).lower()
+        self._items = [(n, v) for n, v in self._items if n.lower() != lname]
+
+    def pop_first_value(self, name: str) -> str | None:
+        """Remove and return the first value of a list header (e.g. the top Via)."""
+        lname = canonical_name(name).lower()
+        for i, (n, v) in enumerate(self._items):
+            if n.lower() == lname:
+                values = split_list(v)
+                if len(values) <= 1:
+                    del self._items[i]
+                else:
+                    self._items[i] = (n, ", ".join(values[1:]))
+                return values[0] if values else None
+        return None
+
+    def replace_first_value(self, name: str, value: str) -> None:
+        """Replace the first value of a list header in place (e.g. the top Via)."""
+        lname = canonical_name(name).lower()
+        for i, (n, v) in enumerate(self._items):
+            if n.lower() == lname:
+                values = split_list(v)
+                self._items[i] = (n, ", ".join([value, *values[1:]]))
+                return
+        self._items.append((canonical_name(name), value))
+
+    def copy(self) -> Headers:
+        h = Headers()
+        h._items = list(self._items)
+        return h
+
+    def encode(self) -> str:
+        return "".join(f"{n}: {v}\r\n" for n, v in self._items)
+
+
+class Message:
+    """Fields shared by requests and responses."""
+
+    __slots__ = ("body", "headers", "version")
+
+    def __init__(self, headers: Headers | None = None, body: bytes = b"",
+                 version: str = "SIP/2.0") -> None:
+        self.headers = headers if headers is not None else Headers()
+        self.body = body
+        self.version = version
+
+    # Convenience accessors (parse on demand; the parser validated them already).
+    @property
+    def call_id(self) -> str:
+        return self.headers.get("Call-ID", "") or ""
+
+    @property
+    def cseq(self) -> tuple[int, str]:
+        return parse_cseq(self.headers.get("CSeq", "") or "")
+
+    @property
+    def vias(self) -> list[Via]:
+        return [parse_via(v) for v in self.headers.get_list("Via")]
+
+    @property
+    def top_via(self) -> Via | None:
+        values = self.headers.get_list("Via")
+        return parse_via(values[0]) if values else None
+
+    @property
+    def from_(self) -> NameAddr:
+        return parse_name_addr(self.headers.get("From", "") or "")
+
+    @property
+    def to(self) -> NameAddr:
+        return parse_name_addr(self.headers.get("To", "") or "")
+
+    def name_addrs(self, name: str) -> list[NameAddr]:
+        wildcard = name.lower() in ("contact", "m")
+        return [parse_name_addr(v, allow_wildcard=wildcard) for v in self.headers.get_list(name)]
+
+    def _encode_with(self, start_line: str) -> bytes:
+        self.headers.set("Content-Length", str(len(self.body)))
+        return (start_line + "\r\n" + self.headers.encode() + "\r\n").encode(
+            "utf-8", "surrogateescape"
+        ) + self.body
+
+    def is_list_header(self, name: str) -> bool:
+        return canonical_name(name).lower() in LIST_HEADERS
+
+
+class Request(Message):
+    """A SIP request. ``uri`` is the Request-URI text; ``ruri`` its parsed form."""
+
+    __slots__ = ("_ruri", "method", "uri")
+
+    def __init__(self, method: str, uri: str, headers: Headers | None = None,
+                 body: bytes = b"", version: str = "SIP/2.0") -> None:
+        super().__init__(headers, body, version)
+        self.method = method
+        self.uri = uri
+        self._ruri: SipUri | None = None
+
+    @property
+    def ruri(self) -> SipUri:
+        if self._ruri is None or str(self._ruri) != self.uri:
+            self._ruri = parse_uri(self.uri)
+        return self._ruri
+
+    def set_uri(self, uri: SipUri | str) -> None:
+        self.uri = str(uri)
+        self._ruri = None
+
+    def copy(self) -> Request:
+        return Request(self.method, self.uri, self.headers.copy(), self.body, self.version)
+
+    def encode(self) -> bytes:
+        return self._encode_with(f"{self.method} {self.uri} {self.version}")
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.uri}>"
+
+
+class Response(Message):
+    """A SIP response."""
+
+    __slots__ = ("reason", "status")
+
+    def __init__(self, status: int, reason: str | None = None, headers: Headers | None = None,
+                 body: bytes = b"", version: str = "SIP/2.0") -> None:
+        super().__init__(headers, body, version)
+        self.status = status
+        self.reason = REASONS.get(status, "Unknown") if reason is None else reason
+
+    def encode(self) -> bytes:
+        return self._encode_with(f"{self.version} {self.status} {self.reason}")
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason}>"
+
+
+def make_response(request: Request, status: int, reason: str | None = None, *,
+                  to_tag: str | None = None) -> Response:
+    """A response to ``request`` with Via, From, To, Call-ID and CSeq copied (§8.2.6)."""
+    headers = Headers()
+    for name, value in request.headers:
+        if name in ("Via", "From", "Call-ID", "CSeq"):
+            headers.add(name, value)
+        elif name == "To":
+            if to_tag and status != 100 and not _TAG_RE.search(value):
+                value = f"{value};tag={to_tag}"
+            headers.add(name, value)
+    return Response(status, reason, headers)

@@ -1,0 +1,146 @@
+"""Server transactions (RFC 3261 §17.2), sans-IO with an injectable clock.
+
+The table matches incoming requests to transactions (§17.2.3, with the RFC
+2543 fallback for branches lacking the magic cookie), absorbs
+retransmissions, replays the last response and expires finished
+transactions with timer J (non-INVITE) / H and I (INVITE).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from siphon.sip.message import Request
+
+T1 = 0.5
+T2 = 4.0
+T4 = 5.0
+MAGIC_COOKIE = "z9hG4bK"
+
+
+class State(enum.Enum):
+    TRYING = "trying"
+    PROCEEDING = "proceeding"
+    COMPLETED = "completed"
+    CONFIRMED = "confirmed"
+    TERMINATED = "terminated"
+
+
+def server_key(request: Request) -> tuple[str, ...]:
+    """Transaction key of a request (§17.2.3); ACK and CANCEL map to their INVITE's key
+    space via the method component (``INVITE`` for ACK)."""
+    via = request.top_via
+    method = "INVITE" if request.method == "ACK" else request.method
+    if via is not None:
+        branch = via.branch or ""
+        if branch.startswith(MAGIC_COOKIE):
+            return ("3261", branch, via.sent_by.lower(), method)
+    # RFC 2543 matching: Request-URI, To tag, From tag, Call-ID, CSeq number, top Via.
+    seq, _ = request.cseq
+    return (
+        "2543",
+        request.uri,
+        request.to.tag or "",
+        request.from_.tag or "",
+        request.call_id,
+        str(seq),
+        method,
+        str(via) if via else "",
+    )
+
+
+@dataclass(slots=True)
+class ServerTransaction:
+    """One server transaction: remembers the last response to replay it."""
+
+    key: tuple[str, ...]
+    method: str
+    reliable: bool
+    created: float
+    state: State = State.TRYING
+    last_response: bytes | None = None
+    last_status: int = 0
+    expires_at: float | None = None
+    """When the transaction is forgotten (timer J / H / I), None while active."""
+    data: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def is_invite(self) -> bool:
+        return self.method == "INVITE"
+
+    def on_response(self, status: int, wire: bytes, now: float) -> None:
+        """Record the response the TU sends (§17.2.1 / §17.2.2 state changes)."""
+        if self.state in (State.COMPLETED, State.CONFIRMED, State.TERMINATED):
+            return
+        self.last_response = wire
+        self.last_status = status
+        if status < 200:
+            self.state = State.PROCEEDING
+            return
+        if self.is_invite and status < 300:
+            # 2xx to INVITE: the transaction ends; the ACK is end to end.
+            self.state = State.TERMINATED
+            self.expires_at = now
+            return
+        self.state = State.COMPLETED
+        if self.is_invite:
+            self.expires_at = now + 64 * T1  # timer H
+        else:
+            self.expires_at = now + (0.0 if self.reliable else 64 * T1)  # timer J
+
+    def on_retransmission(self) -> bytes | None:
+        """A retransmitted request: what to send back (the last response), if anything."""
+        if self.state in (State.PROCEEDING, State.COMPLETED):
+            return self.last_response
+        return None
+
+    def on_ack(self, now: float) -> None:
+        """ACK for a non-2xx final response to INVITE (§17.2.1): absorbed, timer I."""
+        if self.is_invite and self.state == State.COMPLETED:
+            self.state = State.CONFIRMED
+            self.expires_at = now + (0.0 if self.reliable else T4)
+
+
+class ServerTransactionTable:
+    """Active server transactions, with bounded size and clock-driven expiry."""
+
+    def __init__(self, clock: Callable[[], float], max_size: int = 200_000) -> None:
+        self._clock = clock
+        self._items: dict[tuple[str, ...], ServerTransaction] = {}
+        self.max_size = max_size
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def match(self, request: Request) -> ServerTransaction | None:
+        """The transaction a request (retransmission, ACK) belongs to, if any."""
+        return self._items.get(server_key(request))
+
+    def create(self, request: Request, reliable: bool) -> ServerTransaction | None:
+        """Start a transaction; None when the table is full (caller answers 503)."""
+        if len(self._items) >= self.max_size:
+            self.expire()
+            if len(self._items) >= self.max_size:
+                return None
+        tx = ServerTransaction(server_key(request), request.method, reliable, self._clock())
+        self._items[tx.key] = tx
+        return tx
+
+    def discard(self, tx: ServerTransaction) -> None:
+        self._items.pop(tx.key, None)
+
+    def expire(self) -> int:
+        """Forget finished transactions whose timer ran out; returns how many."""
+        now = self._clock()
+        dead = [k for k, tx in self._items.items()
+                if tx.expires_at is not None and tx.expires_at <= now]
+        for key in dead:
+            del self._items[key]
+        # Transactions the TU never answered are dropped after timer-B-like 64*T1.
+        stale = [k for k, tx in self._items.items()
+                 if tx.expires_at is None and tx.created + 64 * T1 * 4 <= now]
+        for key in stale:
+            del self._items[key]
+        return len(dead) + len(stale)
