@@ -52,24 +52,64 @@ _Pending = tuple[list[_Row], asyncio.Future[list[tuple[int, int]]]]
 
 
 def _check_header(path: Path) -> None:
-    """Refuse an existing, non-empty file that is not a SQLite database."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise LogError(f"{path}: cannot open event log: {exc}") from exc
-    if size == 0:
-        return
+    """Refuse an existing file that is not a (complete enough) SQLite database."""
     try:
         with path.open("rb") as f:
             header = f.read(_HEADER_SIZE)
     except OSError as exc:
         raise LogError(f"{path}: cannot open event log: {exc}") from exc
-    if not header.startswith(_SQLITE_MAGIC):
+    if not header:
+        raise LogError(
+            f"{path}: event log file is empty (truncated?); remove it to start a new log"
+        )
+    if not _SQLITE_MAGIC.startswith(header[: len(_SQLITE_MAGIC)]):
         raise LogError(f"{path}: not an event log: not a SQLite database (bad file header)")
     if len(header) < _HEADER_SIZE:
-        raise LogError(f"{path}: event log is truncated ({size} bytes, shorter than its header)")
+        raise LogError(
+            f"{path}: event log is truncated ({len(header)} bytes, shorter than its header)"
+        )
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create(path: Path) -> None:
+    """Create an empty log at ``path`` atomically: built aside, then linked in place.
+
+    So a file at ``path`` is always a complete log, and an empty or truncated
+    one is damage, never a half-made new log. Losing the race to another
+    process creating the same log is fine: its file is used.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.init")
+    tmp.unlink(missing_ok=True)
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(_CREATE)
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links here: rename, unless someone was faster
+            if not path.exists():
+                os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except (OSError, sqlite3.Error) as exc:
+        raise LogError(f"{path}: cannot create event log: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 _gc_lock = threading.Lock()
@@ -104,6 +144,46 @@ def _gc_paused() -> Iterator[None]:
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+class _Reader:
+    """One read connection of a ``read``/``follow`` generator, used in worker threads.
+
+    The connection is opened lazily in the worker thread; it is closed only once
+    no worker uses it any more, even if the generator is closed or cancelled
+    while a fetch is in flight.
+    """
+
+    def __init__(self, log: EmbeddedLog) -> None:
+        self._log = log
+        self._conn: sqlite3.Connection | None = None
+        self._busy: asyncio.Future[tuple[list[Record], int]] | None = None
+
+    async def fetch(self, start: int, stop: int | None, limit: int) -> tuple[list[Record], int]:
+        loop = asyncio.get_running_loop()
+        self._busy = loop.run_in_executor(None, self._fetch_sync, start, stop, limit)
+        # shield: if we are cancelled, the thread still finishes before close().
+        return await asyncio.shield(self._busy)
+
+    def _fetch_sync(self, start: int, stop: int | None, limit: int) -> tuple[list[Record], int]:
+        if self._conn is None:
+            self._conn = self._log._connect_reader()
+        return self._log._fetch(self._conn, start, stop, limit)
+
+    def close(self) -> None:
+        busy = self._busy
+        if busy is not None and not busy.done():
+            busy.add_done_callback(self._close_after)
+        elif self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _close_after(self, busy: asyncio.Future[tuple[list[Record], int]]) -> None:
+        if not busy.cancelled():
+            busy.exception()  # retrieved: nobody is waiting for it any more
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class EmbeddedLog(EventLog):
@@ -167,6 +247,8 @@ class EmbeddedLog(EventLog):
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LogError(f"{path}: cannot create directory: {exc}") from exc
+        if not path.exists():
+            _create(path)
         _check_header(path)
         try:
             conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
@@ -183,6 +265,7 @@ class EmbeddedLog(EventLog):
             raise
 
     def _init_sync(self, conn: sqlite3.Connection) -> None:
+        """Check format and integrity, switch to WAL + synchronous=FULL."""
         path = self.path
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > FORMAT_VERSION:
@@ -191,8 +274,11 @@ class EmbeddedLog(EventLog):
                 f"supports ({FORMAT_VERSION}); refusing to open it"
             )
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        if version and app_id != APPLICATION_ID:
-            raise LogError(f"{path}: not a siphon event log (application_id {app_id:#x})")
+        if version == 0 or app_id != APPLICATION_ID:
+            raise LogError(
+                f"{path}: not a siphon event log (SQLite database with format version "
+                f"{version}, application_id {app_id:#x})"
+            )
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise LogError(f"{path}: cannot use WAL journal mode (got {mode!r})")
@@ -201,31 +287,11 @@ class EmbeddedLog(EventLog):
         if problems != ["ok"]:
             detail = "; ".join(str(p) for p in problems[:5])
             raise LogError(f"{path}: event log database is damaged (quick_check: {detail})")
-        if version == 0:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                # Re-read under the write lock: another process may have created it.
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
-                    if tables:
-                        raise LogError(
-                            f"{path}: not a siphon event log (SQLite database with "
-                            f"tables {tables} and no format version)"
-                        )
-                    conn.execute(_CREATE)
-                    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-                    conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         has_table = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'"
         ).fetchone()
         if not has_table:
-            raise LogError(f"{path}: event log has no records table (format {FORMAT_VERSION})")
+            raise LogError(f"{path}: event log has no records table (format {version})")
 
     def _connect_reader(self) -> sqlite3.Connection:
         """A read-only connection usable from any (one at a time) thread."""
@@ -446,14 +512,11 @@ class EmbeddedLog(EventLog):
             raise ValueError("batch_size must be at least 1")
         pos = self._offset(start, "start") or 0
         stop = self._offset(end, "end")
-        self._check_open()
-        conn = await asyncio.to_thread(self._connect_reader)
+        reader = _Reader(self)
         try:
             while stop is None or pos < stop:
                 self._check_open()
-                records, committed_end = await asyncio.to_thread(
-                    self._fetch, conn, pos, stop, batch_size
-                )
+                records, committed_end = await reader.fetch(pos, stop, batch_size)
                 if stop is None:
                     stop = committed_end
                 if not records:
@@ -461,7 +524,7 @@ class EmbeddedLog(EventLog):
                 yield records
                 pos += len(records)
         finally:
-            conn.close()
+            reader.close()
 
     async def follow(
         self, start: Position | None = None, batch_size: int = 10_000
@@ -472,20 +535,19 @@ class EmbeddedLog(EventLog):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         pos = self._offset(start, "start") or 0
-        self._check_open()
-        conn = await asyncio.to_thread(self._connect_reader)
+        reader = _Reader(self)
         try:
             while True:
                 self._check_open()
                 seen_seq = self._commit_seq  # taken before reading: no missed wake-up
-                records, _ = await asyncio.to_thread(self._fetch, conn, pos, None, batch_size)
+                records, _ = await reader.fetch(pos, None, batch_size)
                 if records:
                     yield records
                     pos += len(records)
                 else:
                     await self._wait_commit(seen_seq)
         finally:
-            conn.close()
+            reader.close()
 
     def _fetch(
         self, conn: sqlite3.Connection, start: int, stop: int | None, limit: int

@@ -75,7 +75,8 @@ def lookup(state: RegistrarState, aor: str, now: float) -> list[Binding]:
     bindings = state.aors.get(aor)
     if not bindings:
         return []
-    live = [b for b in bindings.values() if b.expires_at > now]
+    # Newest arrival first, so equal (q, time) ties also favour the latest binding.
+    live = [b for b in reversed(bindings.values()) if b.expires_at > now]
     live.sort(key=lambda b: (-b.q, -b.registered_at))
     return live
 

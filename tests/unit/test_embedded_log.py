@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import sqlite3
+import sys
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -59,6 +61,7 @@ async def make_closed_log(path: Path, n: int) -> None:
 
 async def test_round_trip_and_offsets(log: EmbeddedLog, db_path: Path) -> None:
     assert db_path.exists()
+    assert not [p for p in db_path.parent.iterdir() if p.name.endswith(".init")]
     assert await log.end_position() == {0: 0}
     assert await read_all(log) == []
     first = [make_event(i) for i in range(3)]
@@ -153,6 +156,39 @@ async def test_durable_across_reopen(db_path: Path) -> None:
         assert [r.event for r in await read_all(log)] == events
         assert await log.append([make_event(50)]) == [(0, 50)]
         assert await log.verify() == 51
+    finally:
+        await log.close()
+
+
+async def test_appends_survive_process_exit_without_close(db_path: Path) -> None:
+    script = (
+        "import asyncio, os, sys\n"
+        "from events.embedded import EmbeddedLog\n"
+        "from tests.unit.test_embedded_log import make_event\n"
+        "async def main():\n"
+        "    log = EmbeddedLog(sys.argv[1])\n"
+        "    await log.open()\n"
+        "    await asyncio.gather(*(log.append([make_event(i)]) for i in range(40)))\n"
+        "    os._exit(0)  # no close(): no checkpoint, records only in the WAL\n"
+        "asyncio.run(main())\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        str(db_path),
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert await proc.wait() == 0
+    assert Path(f"{db_path}-wal").stat().st_size > 0
+    log = EmbeddedLog(db_path)
+    await log.open()
+    try:
+        records = await read_all(log)
+        assert sorted(r.event.ts for r in records) == [make_event(i).ts for i in range(40)]
+        assert [r.offset for r in records] == list(range(40))
     finally:
         await log.close()
 
@@ -279,6 +315,25 @@ async def test_close_flushes_pending_and_append_after_close_fails(db_path: Path)
         await log.close()
 
 
+async def test_reader_cancelled_mid_fetch_then_close(db_path: Path) -> None:
+    log = EmbeddedLog(db_path)
+    await log.open()
+    await log.append([make_event(i) for i in range(20_000)])
+
+    async def consume() -> None:
+        async for _ in log.read(batch_size=20_000):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.005)  # most likely inside the fetch thread now
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert len(await read_all(log, start={0: 19_990})) == 10
+    await log.close()
+    with pytest.raises(LogError):
+        await read_all(log)
+
+
 async def test_append_before_open_fails(db_path: Path) -> None:
     with pytest.raises(LogError):
         await EmbeddedLog(db_path).append([make_event(0)])
@@ -367,7 +422,7 @@ async def test_missing_record_is_corruption(db_path: Path) -> None:
         await log.close()
 
 
-@pytest.mark.parametrize("keep", [0.5, 150, 50])
+@pytest.mark.parametrize("keep", [0.5, 150, 50, 8, 0])
 async def test_truncated_file_is_clear_log_error(db_path: Path, keep: float) -> None:
     await make_closed_log(db_path, 3000)
     size = db_path.stat().st_size
