@@ -9,7 +9,7 @@ import logging
 import sys
 
 from events.log import LogCorruption, LogError
-from siphon.config import ConfigError, Config, dump_effective, load_config
+from siphon.config import Config, ConfigError, dump_effective, load_config
 from siphon.script.loader import ScriptError, load_script
 
 EXIT_CONFIG = 2

@@ -8,7 +8,7 @@ from events.schema import Binding
 class Contact:
     """A live binding as scripts see it. ``str(contact)`` is the Contact URI."""
 
-    __slots__ = ("aor", "binding", "expires", "is_local", "_now")
+    __slots__ = ("_now", "aor", "binding", "expires", "is_local")
 
     def __init__(self, aor: str, binding: Binding, now: float, is_local: bool) -> None:
         self.aor = aor

@@ -18,8 +18,9 @@ COMPACT_FORMS = {
 _CANONICAL = {
     name.lower(): name
     for name in (
-        "Accept", "Accept-Encoding", "Accept-Language", "Alert-Info", "Allow", "Authentication-Info",
-        "Authorization", "Call-ID", "Call-Info", "Contact", "Content-Disposition",
+        "Accept", "Accept-Encoding", "Accept-Language", "Alert-Info", "Allow",
+        "Authentication-Info", "Authorization", "Call-ID", "Call-Info", "Contact",
+        "Content-Disposition",
         "Content-Encoding", "Content-Language", "Content-Length", "Content-Type", "CSeq", "Date",
         "Error-Info", "Expires", "From", "In-Reply-To", "Max-Forwards", "Min-Expires",
         "MIME-Version", "Organization", "Path", "Priority", "Proxy-Authenticate",

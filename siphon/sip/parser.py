@@ -120,7 +120,8 @@ def parse_message(data: bytes, *, datagram: bool = True, max_size: int = DEFAULT
         if lengths:
             clen = parse_uint(lengths[0], "Content-Length", max_size)
             if clen > available:
-                raise SipSyntaxError(f"Content-Length {clen} exceeds the {available} octets received")
+                raise SipSyntaxError(
+                    f"Content-Length {clen} exceeds the {available} octets received")
         else:
             clen = available if datagram else 0
         msg.body = data[body_start : body_start + clen]

@@ -106,7 +106,7 @@ def test_max_contacts_and_instance_replacement() -> None:
 
 def test_fetch_without_contacts_changes_nothing() -> None:
     state = RegistrarState()
-    plan, changes = _run(state, _req())
+    plan, _ = _run(state, _req())
     assert plan.status == 200 and plan.events == []
 
 
