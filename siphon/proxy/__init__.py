@@ -1,0 +1,1 @@
+"""Stateful proxy core (RFC 3261 §16): routing rules, response contexts, forwarding."""
