@@ -13,7 +13,7 @@ Position = dict[int, int]
 """Next offset to read, per partition (the embedded log has partition 0 only)."""
 
 
-class Record(msgspec.Struct, frozen=True):
+class Record(msgspec.Struct, frozen=True, gc=False):
     """An event as stored in the log, with its place in it."""
 
     partition: int

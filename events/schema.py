@@ -11,7 +11,7 @@ from __future__ import annotations
 import msgspec
 
 
-class Binding(msgspec.Struct, frozen=True, omit_defaults=True):
+class Binding(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """One registered contact as recorded in a binding event."""
 
     key: str
@@ -44,7 +44,7 @@ class Binding(msgspec.Struct, frozen=True, omit_defaults=True):
     """Node that accepted the REGISTER (and holds its flow)."""
 
 
-class _Event(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True):
+class _Event(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True, gc=False):
     ts: float
     """When the event was produced, Unix seconds."""
     node: str

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from siphon.script.request import Source
 from siphon.sip.errors import SipSyntaxError
 from siphon.sip.parser import StreamFramer
+from siphon.transport_ws import WsServer
 
 log = logging.getLogger("siphon.transport")
 
@@ -144,6 +145,7 @@ class Transports:
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        self.ws: WsServer | None = None
         self.bound: list[tuple[str, str, int]] = []
         """(transport, host, port) actually bound (port 0 resolved)."""
 
@@ -167,6 +169,15 @@ class Transports:
         self.bound.append(("udp", bound[0], bound[1]))
         return bound
 
+    async def listen_ws(self, host: str, port: int) -> tuple[str, int]:
+        """A SIP-over-WebSocket listener (RFC 7118)."""
+        if self.ws is None:
+            self.ws = WsServer(self.receiver, max_message_size=self.max_message_size,
+                               max_connections=self.max_connections)
+        bound = await self.ws.start(host, port)
+        self.bound.append(("ws", bound[0], bound[1]))
+        return bound
+
     async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
         server = TcpServer(self.receiver, max_message_size=self.max_message_size,
                            idle_timeout=self.idle_timeout, max_connections=self.max_connections)
@@ -175,14 +186,64 @@ class Transports:
         self.bound.append(("tcp", bound[0], bound[1]))
         return bound
 
+    def connection(self, conn_id: str) -> TcpConnection | None:
+        for server in self.tcp:
+            conn = server.connections.get(conn_id)
+            if conn is not None:
+                return conn
+        return None
+
+    async def send_to(self, data: bytes, host: str, port: int, transport: str,
+                      conn_id: str = "") -> bool:
+        """Send a request downstream: over ``conn_id`` when given (the flow a binding
+        came in on; False if it is gone), else to ``host:port`` over ``transport``
+        (reusing an open TCP connection to that address, or connecting)."""
+        if conn_id:
+            conn = self.connection(conn_id)
+            if conn is not None:
+                return conn.send(data)
+            if self.ws is not None:
+                return self.ws.send(conn_id, data)
+            return False
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            log.info("cannot resolve %s: %s", host, exc)
+            return False
+        if not infos:
+            return False
+        addr = infos[0][4][:2]
+        if transport == "udp":
+            proto = next((p for p in self.udp.values() if p.transport is not None), None)
+            if proto is None:
+                return False
+            proto.send(data, addr)
+            return True
+        if transport != "tcp" or not self.tcp:
+            return False
+        server = self.tcp[0]
+        for conn in server.connections.values():
+            if conn.remote == (addr[0], addr[1]) and conn.transport is not None:
+                return conn.send(data)
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: TcpConnection(server), addr[0], addr[1]), 2.0)
+        except (OSError, TimeoutError) as exc:
+            log.info("cannot connect to %s:%d over tcp: %s", addr[0], addr[1], exc)
+            return False
+        return conn.send(data)
+
     def send(self, data: bytes, dest: Source) -> None:
         """Send back to where ``dest`` came from (same connection for streams)."""
         if dest.conn_id:
-            for server in self.tcp:
-                conn = server.connections.get(dest.conn_id)
-                if conn is not None:
-                    conn.send(data)
-                    return
+            conn = self.connection(dest.conn_id)
+            if conn is not None:
+                conn.send(data)
+                return
+            if self.ws is not None and self.ws.send(dest.conn_id, data):
+                return
             log.debug("connection %s is gone; dropping %d octets", dest.conn_id, len(data))
             return
         proto = self.udp.get(dest.local) or next(iter(self.udp.values()), None)
@@ -195,3 +256,5 @@ class Transports:
                 proto.transport.close()
         for server in self.tcp:
             await server.close()
+        if self.ws is not None:
+            await self.ws.close()

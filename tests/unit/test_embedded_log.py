@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import sqlite3
@@ -72,6 +73,7 @@ async def test_round_trip_and_offsets(log: EmbeddedLog, db_path: Path) -> None:
     assert await log.end_position() == {0: 5}
     records = await read_all(log)
     assert records == [Record(0, i, e) for i, e in enumerate(first + second)]
+    assert gc.isenabled()  # the collector pause while decoding was undone
 
 
 async def test_rows_hold_codec_payload_and_crc(log: EmbeddedLog, db_path: Path) -> None:
