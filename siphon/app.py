@@ -18,6 +18,8 @@ from siphon.admin import AdminApi
 from siphon.auth.service import AuthService
 from siphon.config import Config
 from siphon.core import SipCore
+from siphon.proxy.forwarder import Forwarder
+from siphon.proxy.routing import NextHop
 from siphon.registrar.plan import Limits
 from siphon.registrar.service import Registrar
 from siphon.script import namespaces
@@ -100,6 +102,10 @@ class Node:
         for lst in self.cfg.listen.tcp:
             bound = await self.transports.listen_tcp(lst.host, lst.port)
             log.info("listening on tcp %s:%d", *bound)
+        for lst in self.cfg.listen.ws:
+            bound = await self.transports.listen_ws(lst.host, lst.port)
+            log.info("listening on ws %s:%d", *bound)
+        self._setup_proxy()
         if self.cfg.admin is not None:
             api = AdminApi(self.registrar, lambda: self.core.ready and not self.core.draining,
                            token=self.cfg.admin.auth.token,
@@ -112,6 +118,38 @@ class Node:
             log.info("admin API on http://%s:%d", host, port)
         self.core.ready = True
         log.info("siphon node %s ready", self.node)
+
+    def _advertised(self, host: str, advertise: str | None) -> str:
+        if advertise:
+            return advertise
+        if host in ("0.0.0.0", "::", ""):
+            return self.cfg.advertised_address or "127.0.0.1"
+        return host
+
+    def _setup_proxy(self) -> None:
+        """Our identity (listeners, advertised names, local domains) and the forwarder."""
+        identity = self.core.identity
+        identity.domains.update(d.lower() for d in self.cfg.domain.local)
+        self.via_addresses: dict[str, tuple[str, int]] = {}
+        configured = {t: lst for t, lst in self.cfg.listen.all()}
+        for transport, host, port in self.transports.bound:
+            lst = configured.get(transport)
+            name = self._advertised(host, lst.advertise if lst is not None else None)
+            identity.add(name, port)
+            identity.add(host, port)
+            if self.cfg.advertised_address:
+                identity.add(self.cfg.advertised_address, port)
+            self.via_addresses.setdefault(transport, (name, port))
+
+        async def send(data: bytes, hop: NextHop, conn_id: str) -> bool:
+            return await self.transports.send_to(data, hop.host, hop.port, hop.transport,
+                                                 conn_id)
+
+        def via_address(transport: str) -> tuple[str, int]:
+            return (self.via_addresses.get(transport) or self.via_addresses.get("udp")
+                    or next(iter(self.via_addresses.values())))
+
+        self.core.forwarder = Forwarder(identity=identity, send=send, via_address=via_address)
 
     def _rebuild_progress(self, done: int, elapsed: float) -> None:
         if done and done % 200_000 < 10_000:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import logging
 import secrets
 import time
@@ -17,22 +18,35 @@ from collections.abc import Callable
 from typing import Any
 
 from siphon.auth.service import AuthService
+from siphon.proxy.context import ResponseContext
+from siphon.proxy.forwarder import Forwarder, ProxySession, Target
+from siphon.proxy.routing import (
+    BRANCH_PREFIX,
+    Identity,
+    is_looped,
+    next_hop_of,
+    target_uri,
+)
 from siphon.registrar.aor import aor_of
 from siphon.registrar.plan import RegisterInput
 from siphon.registrar.service import Registrar
 from siphon.script import registry as reg
-from siphon.script.request import ScriptRequest, Source
+from siphon.script.contact import Contact
+from siphon.script.request import Action, ScriptRequest, Source
 from siphon.sip.errors import SipSyntaxError
 from siphon.sip.headers import parse_uint
 from siphon.sip.message import Headers, Request, Response, make_response
 from siphon.sip.parser import ParseError, parse_message
-from siphon.sip.transaction import ServerTransactionTable
+from siphon.sip.transaction import ServerTransaction, ServerTransactionTable
+from siphon.sip.uri import parse_uri
 
 log = logging.getLogger("siphon.core")
 
 SUPPORTED_EXTENSIONS = frozenset({"path"})
 _SCHEMES = frozenset({"sip", "sips", "tel"})
 _COPY_ON_ERROR = ("Via", "From", "To", "Call-ID", "CSeq")
+PROXIED = object()
+"""_process result: the request was forwarded; responses come from the forwarder."""
 
 
 class SipCore:
@@ -54,6 +68,8 @@ class SipCore:
         self.max_inflight = max_inflight
         self.clock = clock
         self.transactions = ServerTransactionTable(time.monotonic)
+        self.identity = Identity()
+        self.forwarder: Forwarder | None = None
         self.ready = False
         self.draining = False
         self.inflight = 0
@@ -76,7 +92,9 @@ class SipCore:
                 self._reply_error(exc.partial, source, exc.status, exc.reason)
             return
         if isinstance(msg, Response):
-            self._count("responses_unmatched")  # no client transactions yet: drop
+            if self.forwarder is not None and self.forwarder.on_response(msg):
+                return
+            self._forward_stray(msg)
             return
         assert isinstance(msg, Request)
         if self.inflight >= self.max_inflight:
@@ -110,7 +128,9 @@ class SipCore:
             tx = self.transactions.match(req)
             if tx is not None:
                 tx.on_ack(time.monotonic())
-            return  # ACK for a 2xx goes end to end (proxy): nothing to do here yet
+                return  # ACK for a non-2xx: absorbed hop by hop
+            await self._process(req, source)  # ACK for a 2xx: end to end, via the script
+            return
         tx = self.transactions.match(req)
         if tx is not None:
             self._count("retransmissions")
@@ -124,28 +144,66 @@ class SipCore:
                                      [("Retry-After", "5")]).encode(), source)
             return
         try:
-            resp = await self._process(req, source)
+            if req.method == "CANCEL":
+                resp = self._cancel(req)
+            else:
+                resp = await self._process(req, source, tx)
         except Exception:
             log.exception("internal error handling %s %s", req.method, req.uri)
             resp = self._response(req, 500, "Server Internal Error")
+        if resp is PROXIED:
+            return  # the forwarder answers through _respond
         if resp is None:
             self.transactions.discard(tx)  # silent drop: a retransmission runs it again
             return
+        self._respond(tx, source, resp)
+
+    def _respond(self, tx: ServerTransaction | None, source: Source, resp: Response) -> None:
+        """Send a response upstream through the server transaction (if still there)."""
         wire = resp.encode()
-        tx.on_response(resp.status, wire, time.monotonic())
+        if tx is not None:
+            tx.on_response(resp.status, wire, time.monotonic())
         self._count(f"responses_{resp.status}")
         self.send(wire, source)
 
+    def _cancel(self, req: Request) -> Response:
+        """CANCEL (§16.10): 200 and cancel the matching INVITE's branches, else 481."""
+        if self.forwarder is not None and self.forwarder.cancel(req):
+            return self._response(req, 200, "OK")
+        return self._response(req, 481, None)
+
+    def _forward_stray(self, resp: Response) -> None:
+        """A response no branch waits for: a 2xx retransmission of a finished INVITE is
+        forwarded by its Vias (§16.7 step 5, §18.1.2), anything else is dropped."""
+        vias = resp.headers.get_list("Via")
+        if not (200 <= resp.status < 300) or len(vias) < 2 or not vias[0].split(
+                "branch=")[-1].startswith(BRANCH_PREFIX):
+            self._count("responses_unmatched")
+            return
+        up = Response(resp.status, resp.reason, resp.headers.copy(), resp.body)
+        up.headers.pop_first_value("Via")
+        via = up.top_via
+        if via is None or self.forwarder is None:
+            return
+        host = via.param("received") or via.host
+        rport = via.param("rport")
+        port = int(rport) if rport and rport.isdigit() else (via.port or 5060)
+        dest = Source(via.transport.lower(), (host, port), ("", 0))
+        self.send(up.encode(), dest)
+
     def _response(self, req: Request, status: int, reason: str | None = None,
-                  headers: list[tuple[str, str]] | None = None) -> Response:
-        resp = make_response(req, status, reason, to_tag=secrets.token_hex(5))
+                  headers: list[tuple[str, str]] | None = None,
+                  to_tag: bool = True) -> Response:
+        resp = make_response(req, status, reason,
+                             to_tag=secrets.token_hex(5) if to_tag else None)
         for name, value in headers or ():
             resp.headers.add(name, value)
         resp.headers.add("Server", self.server_header)
         return resp
 
     # ---- request processing ----------------------------------------------------------
-    async def _process(self, req: Request, source: Source) -> Response | None:
+    async def _process(self, req: Request, source: Source,
+                       tx: ServerTransaction | None = None) -> Response | object | None:
         if not self.ready or self.draining:
             return self._response(req, 503, "Service Unavailable", [("Retry-After", "2")])
         if req.ruri.scheme not in _SCHEMES:
@@ -164,7 +222,7 @@ class SipCore:
         if not handlers:
             return self._response(req, 500, "No Script Handler")
         await self.auth.prefetch(req)
-        sreq = ScriptRequest(req, source, self.domains)
+        sreq = ScriptRequest(req, source, self.domains, self.identity)
         for handler in handlers:
             try:
                 result = handler.fn(sreq)
@@ -185,8 +243,49 @@ class SipCore:
             return resp
         if action.kind == "save":
             return await self._save(req, source, sreq)
-        # relay / fork: the stateful proxy is not part of this build yet.
-        return self._response(req, 501, "Proxying Not Implemented")
+        return await self._proxy(req, source, sreq, tx)
+
+    async def _proxy(self, req: Request, source: Source, sreq: ScriptRequest,
+                     tx: ServerTransaction | None) -> Response | object | None:
+        """Carry out ``relay``/``fork``: stateful forwarding, or stateless for ACK."""
+        action = sreq.action
+        assert action is not None and self.forwarder is not None
+        if is_looped(req, self.identity):
+            return self._response(req, 482, None)
+        if req.method == "ACK":
+            await self.forwarder.forward_stateless(req, sreq.record_routed, source.transport)
+            return None
+        try:
+            targets = self._targets(action)
+        except (SipSyntaxError, ValueError) as exc:
+            log.info("bad proxy target in %s %s: %s", req.method, req.uri, exc)
+            return self._response(req, 500, "No Valid Targets")
+        if action.kind == "fork" and not targets:
+            return self._response(req, 500, "No Targets")
+        if req.method == "INVITE":
+            self._respond(tx, source, self._response(req, 100, "Trying", to_tag=False))
+        session = ProxySession(req, source, lambda r: self._respond(tx, source, r),
+                               ResponseContext(0, req.method == "INVITE"))
+        await self.forwarder.forward(session, targets, sreq.record_routed)
+        return PROXIED
+
+    def _targets(self, action: Action) -> list[Target]:
+        if action.kind == "relay":
+            if action.next_hop:
+                hop = next_hop_of(action.next_hop)
+                return [Target("", via_source=(hop.host, hop.port, hop.transport))]
+            return [Target("")]
+        targets: list[Target] = []
+        for item in action.targets:
+            if isinstance(item, Contact):
+                b = item.binding
+                local = item.is_local
+                flow = b.conn_id if local and b.transport != "udp" else ""
+                src = _flow_destination(item) if local else None
+                targets.append(Target(b.uri, list(b.path), flow, src))
+            else:
+                targets.append(Target(str(target_uri(item))))
+        return targets
 
     async def _save(self, req: Request, source: Source, sreq: ScriptRequest) -> Response:
         try:
@@ -233,3 +332,26 @@ class SipCore:
         self.draining = True
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+
+
+def _flow_destination(contact: Contact) -> tuple[str, int, str] | None:
+    """Where to reach a binding this node accepted: its packet source (the NAT
+    mapping) for stream flows, RFC 5626 outbound registrations, and contacts whose
+    address is not the one the REGISTER came from (NAT); else None (route by URI)."""
+    b = contact.binding
+    if not b.source:
+        return None
+    host, _, port_text = b.source.rpartition(":")
+    host = host.strip("[]")
+    dest = (host, int(port_text), b.transport)
+    if b.transport != "udp" or (b.instance and b.reg_id):
+        return dest
+    try:
+        contact_host = parse_uri(b.uri).host.strip("[]")
+    except SipSyntaxError:
+        return dest
+    try:
+        ipaddress.ip_address(contact_host)
+    except ValueError:
+        return None  # a host name: route by URI
+    return dest if contact_host != host else None

@@ -149,8 +149,11 @@ def next_hop(req: Request, default_transport: str = "udp") -> NextHop:
     (§16.6 step 7, RFC 3263 §4 without DNS SRV: maddr, then host; transport param)."""
     routes = req.headers.get_list("Route")
     uri = _route_uri(routes[0]) if routes else None
-    if uri is None:
-        uri = req.ruri
+    return hop_for_uri(uri if uri is not None else req.ruri, default_transport)
+
+
+def hop_for_uri(uri: SipUri, default_transport: str = "udp") -> NextHop:
+    """Host, port and transport to reach ``uri``."""
     if uri.opaque is not None or uri.is_tel:
         raise SipSyntaxError(f"cannot route to {uri}")
     host = uri.param("maddr") or uri.host
@@ -159,6 +162,11 @@ def next_hop(req: Request, default_transport: str = "udp") -> NextHop:
         transport = "tls" if uri.scheme == "sips" else default_transport
     port = uri.port or (5061 if transport in ("tls", "wss") else 5060)
     return NextHop(host.strip("[]"), port, transport)
+
+
+def next_hop_of(text: str) -> NextHop:
+    """Next hop for a URI string (``relay(next_hop=...)``)."""
+    return hop_for_uri(parse_uri(text.strip().strip("<>")))
 
 
 def target_uri(target: object) -> SipUri:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from siphon.proxy.routing import Identity, loose_route
 from siphon.sip.errors import SipSyntaxError
 from siphon.sip.headers import parse_name_addr
 from siphon.sip.message import Request
@@ -77,8 +78,10 @@ class ScriptUri:
 class ScriptRequest:
     """A SIP request as handed to ``@proxy.on_request`` handlers."""
 
-    def __init__(self, msg: Request, source: Source, local_domains: frozenset[str]) -> None:
+    def __init__(self, msg: Request, source: Source, local_domains: frozenset[str],
+                 identity: Identity | None = None) -> None:
         self.msg = msg
+        self._identity = identity
         self.source = source
         self._domains = local_domains
         self.action: Action | None = None
@@ -237,8 +240,14 @@ class ScriptRequest:
         self.action = Action("fork", targets=list(targets), reason=strategy)
 
     def loose_route(self) -> bool:
-        """RFC 3261 §16.4 loose routing (proxy issue); no Route header means True."""
-        return not self.msg.headers.get_list("Route")
+        """RFC 3261 §16.4: remove our own Route entries (and undo a strict router's
+        rewrite). True when the request can be relayed: no Route at all, or routes
+        remain / were consumed; False when there is no identity to compare with."""
+        if self._identity is None:
+            return not self.msg.headers.get_list("Route")
+        ok, consumed = loose_route(self.msg, self._identity)
+        self.consumed_routes.extend(consumed)
+        return ok
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.msg.uri} from {self.source.remote_text}>"
