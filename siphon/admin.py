@@ -27,6 +27,7 @@ def _binding_json(aor: str, b: Binding, now: float) -> dict[str, object]:
         "instance": b.instance or None,
         "reg_id": b.reg_id or None,
         "path": b.path,
+        "params": [[k, v] for k, v in b.params],
         "user_agent": b.user_agent,
         "call_id": b.call_id,
         "cseq": b.cseq,

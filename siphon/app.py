@@ -150,6 +150,7 @@ class Node:
                     or next(iter(self.via_addresses.values())))
 
         self.core.forwarder = Forwarder(identity=identity, send=send, via_address=via_address)
+        self.core.flow_transport = self.transports.flow_transport
 
     def _rebuild_progress(self, done: int, elapsed: float) -> None:
         if done and done % 200_000 < 10_000:

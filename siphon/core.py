@@ -23,6 +23,7 @@ from siphon.proxy.forwarder import Forwarder, ProxySession, Target
 from siphon.proxy.routing import (
     BRANCH_PREFIX,
     Identity,
+    flow_tokens,
     is_looped,
     next_hop_of,
     target_uri,
@@ -69,6 +70,8 @@ class SipCore:
         self.clock = clock
         self.transactions = ServerTransactionTable(time.monotonic)
         self.identity = Identity()
+        self.flow_transport: Callable[[str], str | None] = lambda conn_id: None
+        """Transport of a live connection id (TCP/WS flow), None when it is gone."""
         self.forwarder: Forwarder | None = None
         self.ready = False
         self.draining = False
@@ -252,14 +255,15 @@ class SipCore:
         assert action is not None and self.forwarder is not None
         if is_looped(req, self.identity):
             return self._response(req, 482, None)
-        if req.method == "ACK":
-            await self.forwarder.forward_stateless(req, sreq.record_routed, source.transport)
-            return None
         try:
-            targets = self._targets(action)
+            targets = self._targets(action, sreq)
         except (SipSyntaxError, ValueError) as exc:
             log.info("bad proxy target in %s %s: %s", req.method, req.uri, exc)
-            return self._response(req, 500, "No Valid Targets")
+            return None if req.method == "ACK" else self._response(req, 500, "No Valid Targets")
+        if req.method == "ACK":
+            for target in targets[:1]:
+                await self.forwarder.forward_stateless(req, target, source.transport)
+            return None
         if action.kind == "fork" and not targets:
             return self._response(req, 500, "No Targets")
         if req.method == "INVITE":
@@ -269,11 +273,17 @@ class SipCore:
         await self.forwarder.forward(session, targets, sreq.record_routed)
         return PROXIED
 
-    def _targets(self, action: Action) -> list[Target]:
+    def _targets(self, action: Action, sreq: ScriptRequest) -> list[Target]:
         if action.kind == "relay":
             if action.next_hop:
                 hop = next_hop_of(action.next_hop)
                 return [Target("", via_source=(hop.host, hop.port, hop.transport))]
+            # In-dialog request towards a UA we reach over its own connection: our
+            # Record-Route carried the flow token (not the flow the request came on).
+            for token in flow_tokens(sreq.consumed_routes):
+                transport = self.flow_transport(token)
+                if transport is not None and token != sreq.source.conn_id:
+                    return [Target("", conn_id=token, via_source=("", 0, transport))]
             return [Target("")]
         targets: list[Target] = []
         for item in action.targets:

@@ -193,6 +193,14 @@ class Transports:
                 return conn
         return None
 
+    def flow_transport(self, conn_id: str) -> str | None:
+        """``tcp``/``ws`` when ``conn_id`` is an open connection, else None."""
+        if self.connection(conn_id) is not None:
+            return "tcp"
+        if self.ws is not None and conn_id in self.ws.connections:
+            return self.ws.transport
+        return None
+
     async def send_to(self, data: bytes, host: str, port: int, transport: str,
                       conn_id: str = "") -> bool:
         """Send a request downstream: over ``conn_id`` when given (the flow a binding

@@ -112,7 +112,7 @@ class Forwarder:
                           else hop.transport)
         if record_route and out.method not in ("REGISTER", "ACK", "CANCEL"):
             host, port = self.via_address(hop.transport)
-            values = [record_route_value(host, port, hop.transport)]
+            values = [record_route_value(host, port, hop.transport, target.conn_id)]
             if hop.transport != in_transport:
                 ihost, iport = self.via_address(in_transport)
                 values.append(record_route_value(ihost, iport, in_transport))
@@ -346,11 +346,10 @@ class Forwarder:
                 asyncio.get_running_loop().create_task(self._cancel_branch(br))
         return True
 
-    async def forward_stateless(self, req: Request, record_route: bool,
-                                in_transport: str) -> bool:
+    async def forward_stateless(self, req: Request, target: Target, in_transport: str) -> bool:
         """Forward without a transaction (ACK for a 2xx)."""
         try:
-            out, hop, conn_id = self._outgoing(req, Target(""), False, in_transport)
+            out, hop, conn_id = self._outgoing(req, target, False, in_transport)
         except (SipSyntaxError, ValueError):
             return False
         self._add_via(out, hop, new_branch(out))

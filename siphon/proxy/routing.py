@@ -130,10 +130,23 @@ def is_looped(req: Request, me: Identity) -> bool:
     return False
 
 
-def record_route_value(host: str, port: int, transport: str) -> str:
-    """A Record-Route value for one of our listeners (always loose routing)."""
+def record_route_value(host: str, port: int, transport: str, flow: str = "") -> str:
+    """A Record-Route value for one of our listeners (always loose routing). ``flow``
+    (a connection id) goes in the user part, so that in-dialog requests coming back
+    through us can be sent over that connection (RFC 5626 §5.3 flow tokens)."""
     hostpart = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return f"<sip:{hostpart}:{port};transport={transport.lower()};lr>"
+    user = f"{flow}@" if flow else ""
+    return f"<sip:{user}{hostpart}:{port};transport={transport.lower()};lr>"
+
+
+def flow_tokens(consumed: list[str]) -> list[str]:
+    """Flow tokens in the Route values ``loose_route`` consumed (our own Record-Routes)."""
+    out: list[str] = []
+    for value in consumed:
+        uri = _route_uri(value)
+        if uri is not None and uri.user:
+            out.append(uri.user)
+    return out
 
 
 @dataclass(slots=True)

@@ -30,15 +30,20 @@ class State(enum.Enum):
 
 def server_key(request: Request) -> tuple[str, ...]:
     """Transaction key of a request (§17.2.3); ACK and CANCEL map to their INVITE's key
-    space via the method component (``INVITE`` for ACK)."""
+    space via the method component (``INVITE`` for ACK).
+
+    Besides branch, sent-by and method, the key holds the Call-ID and CSeq number: a
+    retransmission (and the ACK of a non-2xx) always repeats them, whereas a different
+    request that merely reuses a branch (RFC 4475 messages, broken clients) must not be
+    answered with another request's response (wrong Call-ID/CSeq, §8.2.6)."""
     via = request.top_via
     method = "INVITE" if request.method == "ACK" else request.method
+    seq, _ = request.cseq
     if via is not None:
         branch = via.branch or ""
         if branch.startswith(MAGIC_COOKIE):
-            return ("3261", branch, via.sent_by.lower(), method)
+            return ("3261", branch, via.sent_by.lower(), method, request.call_id, str(seq))
     # RFC 2543 matching: Request-URI, To tag, From tag, Call-ID, CSeq number, top Via.
-    seq, _ = request.cseq
     return (
         "2543",
         request.uri,
@@ -106,20 +111,31 @@ class ServerTransaction:
 class ServerTransactionTable:
     """Active server transactions, with bounded size and clock-driven expiry."""
 
-    def __init__(self, clock: Callable[[], float], max_size: int = 200_000) -> None:
+    def __init__(self, clock: Callable[[], float], max_size: int = 200_000,
+                 expire_interval: float = 1.0) -> None:
         self._clock = clock
         self._items: dict[tuple[str, ...], ServerTransaction] = {}
         self.max_size = max_size
+        self.expire_interval = expire_interval
+        self._last_expire = clock()
 
     def __len__(self) -> int:
         return len(self._items)
 
     def match(self, request: Request) -> ServerTransaction | None:
-        """The transaction a request (retransmission, ACK) belongs to, if any."""
-        return self._items.get(server_key(request))
+        """The transaction a request (retransmission, ACK) belongs to, if any
+        (a transaction whose timer J / H / I ran out is gone)."""
+        key = server_key(request)
+        tx = self._items.get(key)
+        if tx is not None and tx.expires_at is not None and tx.expires_at <= self._clock():
+            del self._items[key]
+            return None
+        return tx
 
     def create(self, request: Request, reliable: bool) -> ServerTransaction | None:
         """Start a transaction; None when the table is full (caller answers 503)."""
+        if self._clock() - self._last_expire >= self.expire_interval:
+            self.expire()
         if len(self._items) >= self.max_size:
             self.expire()
             if len(self._items) >= self.max_size:
@@ -134,6 +150,7 @@ class ServerTransactionTable:
     def expire(self) -> int:
         """Forget finished transactions whose timer ran out; returns how many."""
         now = self._clock()
+        self._last_expire = now
         dead = [k for k, tx in self._items.items()
                 if tx.expires_at is not None and tx.expires_at <= now]
         for key in dead:
