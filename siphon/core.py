@@ -34,6 +34,7 @@ from siphon.registrar.service import Registrar
 from siphon.script import registry as reg
 from siphon.script.contact import Contact
 from siphon.script.request import Action, ScriptRequest, Source
+from siphon.sip.client_transaction import InviteServerRetransmitter
 from siphon.sip.errors import SipSyntaxError
 from siphon.sip.headers import parse_uint
 from siphon.sip.message import Headers, Request, Response, make_response
@@ -131,6 +132,9 @@ class SipCore:
             tx = self.transactions.match(req)
             if tx is not None:
                 tx.on_ack(time.monotonic())
+                timer_g = tx.data.get("timer_g")
+                if isinstance(timer_g, InviteServerRetransmitter):
+                    timer_g.on_ack()
                 return  # ACK for a non-2xx: absorbed hop by hop
             await self._process(req, source)  # ACK for a 2xx: end to end, via the script
             return
@@ -166,8 +170,25 @@ class SipCore:
         wire = resp.encode()
         if tx is not None:
             tx.on_response(resp.status, wire, time.monotonic())
+            if tx.is_invite and resp.status >= 300 and not tx.reliable:
+                # Timer G: resend the final response until the ACK comes (§17.2.1).
+                timer_g = InviteServerRetransmitter(wire, time.monotonic())
+                tx.data["timer_g"] = timer_g
+                self._arm_timer_g(timer_g, source)
         self._count(f"responses_{resp.status}")
         self.send(wire, source)
+
+    def _arm_timer_g(self, timer_g: InviteServerRetransmitter, source: Source) -> None:
+        deadline = timer_g.next_deadline()
+        if deadline is None:
+            return
+
+        def fire() -> None:
+            for effect in timer_g.on_timer(time.monotonic()):
+                self.send(effect.data, source)
+            self._arm_timer_g(timer_g, source)
+
+        asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), fire)
 
     def _cancel(self, req: Request) -> Response:
         """CANCEL (§16.10): 200 and cancel the matching INVITE's branches, else 481."""

@@ -340,7 +340,9 @@ class Forwarder:
             return False
         if not session.context.sent_final:
             session.context.sent_final = True
-            session.respond(make_response(session.request, 487, "Request Terminated"))
+            # after the caller's 200 to the CANCEL, which is sent on return
+            asyncio.get_running_loop().call_soon(
+                session.respond, make_response(session.request, 487, "Request Terminated"))
         for br in session.branches:
             if br.final is None:
                 asyncio.get_running_loop().create_task(self._cancel_branch(br))

@@ -90,3 +90,56 @@ def test_unregistered_user_gets_404_and_only_busy_gives_486(siphon: SiphonProces
     rc, out = _finish(_call(siphon))
     assert rc != 0 and "486" in out, out[-3000:]
     assert _finish(busy)[0] == 0
+
+
+@pytest.mark.timeout(90)
+def test_caller_cancel_reaches_the_ringing_branch(siphon: SiphonProcess, tmp_path: Path) -> None:
+    siphon.start(script_text=RECIPE)
+    port = free_port()
+    _register_from(siphon, port, tmp_path)
+    ring = _sipp("-sf", str(SIPP / "uas_ring_cancel.xml"), "-p", str(port), "-m", "1")
+    caller = _sipp(f"127.0.0.1:{siphon.sip_port}", "-sf", str(SIPP / "uac_cancel.xml"), "-s",
+                   "bob", "-key", "domain", "example.com", "-m", "1", "-p", str(free_port()))
+    rc, out = _finish(caller)
+    assert rc == 0, f"caller did not get 200 (CANCEL) and 487:\n{out[-3000:]}\n{siphon.tail()}"
+    rc, out = _finish(ring)
+    assert rc == 0, f"the CANCEL was not propagated to the branch:\n{out[-3000:]}"
+
+
+RELAY_ALL = """
+from siphon import proxy
+
+@proxy.on_request
+def route(request):
+    request.relay()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_unknown_cancel_gets_481_and_a_loop_gets_482(siphon: SiphonProcess) -> None:
+    from tests.integration.sipclient import UdpClient, build_request, new_branch, new_tag
+
+    siphon.start(script_text=RELAY_ALL)
+    with UdpClient(siphon.sip_port) as client:
+        cancel = build_request(
+            "CANCEL", "sip:bob@example.com", to="<sip:bob@example.com>",
+            from_=f"<sip:a@example.com>;tag={new_tag()}", call_id="nope@it", cseq=1,
+            via=f"SIP/2.0/UDP {client.via_host};branch={new_branch()}")
+        resp = client.request(cancel, call_id="nope@it")
+        assert resp is not None and resp.status == 481
+        # relayed to its own Request-URI, which is siphon: it comes back unchanged
+        me = f"sip:loop@127.0.0.1:{siphon.sip_port}"
+        invite = build_request(
+            "INVITE", me, to=f"<{me}>", from_=f"<sip:a@example.com>;tag={new_tag()}",
+            call_id="loop@it", cseq=1,
+            via=f"SIP/2.0/UDP {client.via_host};branch={new_branch()}",
+            contact=f"<sip:a@{client.via_host}>")
+        client.send(invite)
+        final = None
+        for _ in range(10):
+            resp = client.recv(timeout=5, call_id="loop@it")
+            assert resp is not None, siphon.tail()
+            if resp.status >= 200:
+                final = resp
+                break
+        assert final is not None and final.status == 482, final
