@@ -46,6 +46,13 @@ _SELECT_WITH_OFFSETS = (
     'WHERE "offset" >= ? AND "offset" < ? ORDER BY "offset"'
 )
 
+_CREATE_GROUPS = (
+    "CREATE TABLE IF NOT EXISTS consumer_positions "
+    '("group" TEXT PRIMARY KEY, next_offset INTEGER NOT NULL)'
+)
+_GET_GROUP = 'SELECT next_offset FROM consumer_positions WHERE "group" = ?'
+_SET_GROUP = 'INSERT OR REPLACE INTO consumer_positions ("group", next_offset) VALUES (?, ?)'
+
 _Row = tuple[float, str, bytes, int]
 """An encoded event waiting to be written: ts, key, payload, crc."""
 _Pending = tuple[list[_Row], asyncio.Future[list[tuple[int, int]]]]
@@ -292,6 +299,7 @@ class EmbeddedLog(EventLog):
         ).fetchone()
         if not has_table:
             raise LogError(f"{path}: event log has no records table (format {version})")
+        conn.execute(_CREATE_GROUPS)  # added beside format 1: older files gain it here
 
     def _connect_reader(self) -> sqlite3.Connection:
         """A read-only connection usable from any (one at a time) thread."""
@@ -548,6 +556,41 @@ class EmbeddedLog(EventLog):
                     await self._wait_commit(seen_seq)
         finally:
             reader.close()
+
+    # -- ownership (one process owns the only partition) ------------------------
+
+    async def owned(self, group: str, batch_size: int = 10_000) -> AsyncIterator[list[Record]]:
+        """Follow from ``group``'s committed position (the end, when it has none)."""
+        self._check_open()
+        committed = await asyncio.to_thread(self._group_sync, group, None)
+        start = committed if committed is not None else (await self.end_position())[0]
+        async for batch in self.follow({0: start}, batch_size):
+            yield batch
+
+    async def commit(self, group: str, position: Position) -> None:
+        """Durably store ``group``'s position (same file, own transaction)."""
+        self._check_open()
+        offset = self._offset(position, "commit")
+        assert self._wexec is not None
+        await asyncio.get_running_loop().run_in_executor(
+            self._wexec, self._group_sync, group, offset or 0)
+
+    def _group_sync(self, group: str, offset: int | None) -> int | None:
+        """Read (offset None) or write a group's position; writes on the writer thread."""
+        if offset is None:
+            with self._mlock:
+                if self._mconn is None:
+                    raise LogError(f"{self.path}: event log is closed")
+                row = self._mconn.execute(_GET_GROUP, (group,)).fetchone()
+            return None if row is None else int(row[0])
+        conn = self._wconn
+        if conn is None:
+            raise LogError(f"{self.path}: event log is closed")
+        try:
+            conn.execute(_SET_GROUP, (group, offset))
+        except sqlite3.Error as exc:
+            raise LogError(f"{self.path}: cannot store position of {group!r}: {exc}") from exc
+        return offset
 
     def _fetch(
         self, conn: sqlite3.Connection, start: int, stop: int | None, limit: int

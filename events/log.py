@@ -69,3 +69,30 @@ class EventLog(abc.ABC):
     def follow(self, start: Position | None = None,
                batch_size: int = 10_000) -> AsyncIterator[list[Record]]:
         """Like ``read`` without an end: waits for and yields new records forever."""
+
+    # ---- partitions and ownership (cluster-wide once-only work) ----------------------
+    @property
+    def partitions(self) -> int:
+        """Number of partitions (valid after ``open``); the embedded log has one."""
+        return 1
+
+    def partition_for(self, key: str) -> int:
+        """The partition ``append`` puts events with this key in."""
+        return 0
+
+    @abc.abstractmethod
+    def owned(self, group: str, batch_size: int = 10_000) -> AsyncIterator[list[Record]]:
+        """Records of the partitions this process owns in consumer group ``group``, from
+        the group's committed position (a group with nothing committed starts at the
+        end). Ownership moves when members join or leave (Kafka consumer groups);
+        the embedded log's single process owns its only partition."""
+
+    @abc.abstractmethod
+    async def commit(self, group: str, position: Position) -> None:
+        """Record that ``group`` has handled everything before ``position``; after a
+        crash, ``owned`` resumes from there (at-least-once processing)."""
+
+    def owned_partitions(self, group: str) -> set[int]:
+        """Partitions currently owned in ``group`` (all, for a single-process log)."""
+        return set(range(self.partitions))
+

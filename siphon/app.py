@@ -30,6 +30,12 @@ from siphon.transport import Transports
 log = logging.getLogger("siphon")
 
 
+CALLBACK_GROUP = "siphon-callbacks"
+"""Consumer group whose partition owners run on_change callbacks and expiry sweeps."""
+COMMIT_INTERVAL = 0.5
+"""Seconds between commits of the callback position (bounds re-delivery after a crash)."""
+
+
 class StartupError(Exception):
     """The node cannot start; the message says why."""
 
@@ -55,7 +61,9 @@ class Node:
         r = cfg.registrar
         self.registrar = Registrar(
             self.log, self.runner,
-            Limits(r.default_expires, r.min_expires, r.max_expires, r.max_contacts), self.node)
+            Limits(r.default_expires, r.min_expires, r.max_expires, r.max_contacts), self.node,
+            owns=lambda aor: self.log.partition_for(aor) in self.log.owned_partitions(
+                CALLBACK_GROUP))
         self.auth = AuthService(cfg.auth)
         self.transports = Transports(self._receive, max_message_size=cfg.server.max_message_size,
                                      idle_timeout=cfg.server.tcp_idle_timeout,
@@ -90,10 +98,8 @@ class Node:
         took = time.monotonic() - t0
         log.info("projection rebuilt from %d events in %.2fs: %d AoRs, %d bindings",
                  count, took, len(self.runner.state.aors), self.runner.state.binding_count())
-        change_start = await self.log.end_position()
         self.tasks.append(asyncio.create_task(self.runner.run(), name="projection"))
-        self.tasks.append(asyncio.create_task(self._dispatch_on_change(change_start),
-                                              name="on_change"))
+        self.tasks.append(asyncio.create_task(self._dispatch_on_change(), name="on_change"))
         self.tasks.append(asyncio.create_task(
             self.registrar.run_sweeper(self.cfg.registrar.sweep_interval), name="sweeper"))
         for lst in self.cfg.listen.udp:
@@ -156,16 +162,35 @@ class Node:
         if done and done % 200_000 < 10_000:
             log.info("rebuilding projection: %d events (%.0f/s)", done, done / max(elapsed, 1e-9))
 
-    async def _dispatch_on_change(self, start: dict[int, int]) -> None:
-        """Run ``@registrar.on_change`` callbacks for every event appended after start-up,
-        in log order, once this node's projection has applied it."""
-        async for batch in self.log.follow(start or None):
-            for rec in batch:
-                change = CHANGE_TYPES.get(type(rec.event))
-                if change is None or not reg.registry.on_change:
-                    continue
-                await self.runner.wait_applied(rec.partition, rec.offset)
-                await self._run_on_change(rec, change)
+    async def _dispatch_on_change(self) -> None:
+        """Run ``@registrar.on_change`` callbacks, in log order, for the events of the
+        partitions this node owns in the ``callbacks`` group (every event once
+        cluster-wide; at least once across crashes: the position is committed after
+        the callbacks ran), each once this node's projection has applied it."""
+        last_commit = time.monotonic()
+        pending: dict[int, int] = {}
+        try:
+            async for batch in self.log.owned(CALLBACK_GROUP):
+                for rec in batch:
+                    change = CHANGE_TYPES.get(type(rec.event))
+                    if change is not None and reg.registry.on_change:
+                        await self.runner.wait_applied(rec.partition, rec.offset)
+                        await self._run_on_change(rec, change)
+                    pending[rec.partition] = rec.offset + 1
+                if time.monotonic() - last_commit >= COMMIT_INTERVAL:
+                    await self._commit_callbacks(pending)
+                    last_commit = time.monotonic()
+        finally:
+            await self._commit_callbacks(pending)
+
+    async def _commit_callbacks(self, pending: dict[int, int]) -> None:
+        if not pending:
+            return
+        try:
+            await self.log.commit(CALLBACK_GROUP, dict(pending))
+            pending.clear()
+        except LogError as exc:
+            log.warning("cannot commit on_change position: %s", exc)
 
     async def _run_on_change(self, rec: Record, change: str) -> None:
         aor = rec.event.aor

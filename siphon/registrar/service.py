@@ -35,13 +35,16 @@ class Registrar:
     """
 
     def __init__(self, log_: EventLog, runner: ProjectionRunner, limits: Limits, node: str,
-                 clock: Callable[[], float] = time.time, append_timeout: float = 5.0) -> None:
+                 clock: Callable[[], float] = time.time, append_timeout: float = 5.0,
+                 owns: Callable[[str], bool] = lambda aor: True) -> None:
         self.log = log_
         self.runner = runner
         self.limits = limits
         self.node = node
         self.clock = clock
         self.append_timeout = append_timeout
+        self.owns = owns
+        """Whether this node sweeps an AoR (its partition's owner does, cluster-wide)."""
         self._locks: dict[str, asyncio.Lock] = {}
 
     @property
@@ -99,7 +102,7 @@ class Registrar:
     async def sweep_once(self, limit: int = 5000) -> int:
         """Append ``binding.expired`` for lapsed bindings; returns how many."""
         now = self.clock()
-        lapsed = proj.expired(self.state, now, limit)
+        lapsed = [(aor, b) for aor, b in proj.expired(self.state, now, limit) if self.owns(aor)]
         events: list[Event] = [
             BindingExpired(ts=now, node=self.node, aor=aor, key=b.key, expires_at=b.expires_at)
             for aor, b in lapsed

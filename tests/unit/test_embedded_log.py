@@ -484,3 +484,33 @@ async def test_verify_reports_progress(db_path: Path) -> None:
     assert progress[-1] == (45_000, 45_000)
     assert len(progress) >= 3
     assert all(a[0] <= b[0] for a, b in itertools.pairwise(progress))
+
+
+async def test_owned_resumes_from_the_committed_position(tmp_path) -> None:
+    from events.embedded import EmbeddedLog
+    from events.schema import Binding, BindingAdded
+
+    def ev(i: int) -> BindingAdded:
+        return BindingAdded(ts=float(i), node="n1", aor=f"sip:u{i}@example.com",
+                            binding=Binding(key="k", uri="sip:u@h", expires_at=1e10))
+
+    path = tmp_path / "log.db"
+    log = EmbeddedLog(path)
+    await log.open()
+    await log.append([ev(0), ev(1)])
+    stream = log.owned("callbacks")
+    pending = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0.05)
+    assert not pending.done()  # a new group starts at the end: history is not replayed
+    await log.append([ev(2), ev(3)])
+    batch = await asyncio.wait_for(pending, 5)
+    assert [r.offset for r in batch] == [2, 3]
+    await log.commit("callbacks", {0: 3})  # handled offset 2 only, then "crashed"
+    await stream.aclose()
+    await log.close()
+    log = EmbeddedLog(path)
+    await log.open()
+    batch = await asyncio.wait_for(log.owned("callbacks").__anext__(), 5)
+    assert [r.offset for r in batch] == [3]
+    assert log.owned_partitions("callbacks") == {0} and log.partition_for("x") == 0
+    await log.close()
