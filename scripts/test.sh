@@ -6,12 +6,19 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-if ! command -v sipp >/dev/null 2>&1 || ! command -v sipsak >/dev/null 2>&1; then
+# Real peers and the Kafka toolchain, from Debian: SIPp, sipsak, Java 17 and Maven
+# (Maven fetches Apache Kafka from Maven Central; scripts/kafka.sh starts it).
+missing=()
+command -v sipp >/dev/null 2>&1 || missing+=(sip-tester)
+command -v sipsak >/dev/null 2>&1 || missing+=(sipsak)
+command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || missing+=(maven)
+if [ "${#missing[@]}" -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-  echo "installing SIPp and sipsak (Debian packages sip-tester, sipsak)..."
+  echo "installing ${missing[*]} (Debian packages)..."
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq sip-tester sipsak >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 source "$ROOT/scripts/env.sh"

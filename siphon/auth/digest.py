@@ -25,6 +25,7 @@ import binascii
 import enum
 import hashlib
 import hmac
+import re
 import secrets
 import struct
 import time
@@ -246,6 +247,38 @@ def _quoted(s: str, i: int) -> tuple[str, int]:
     raise DigestParseError("unterminated quoted-string")
 
 
+_FAST_SCHEME = re.compile(r"[ \t]*[Dd][Ii][Gg][Ee][Ss][Tt][ \t]+")
+_FAST_PARAM = re.compile(
+    r"[ \t]*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)[ \t]*=[ \t]*"
+    r"(?:\"([^\"\\\x00-\x08\x0a-\x1f\x7f]*)\"|([^\s,\"\\\x00-\x1f\x7f]+))[ \t]*(?:,|$)"
+)
+
+
+def _parse_fast(value: str) -> DigestCredentials | None:
+    """The common well-formed case with regexes; None when anything is unusual (the
+    careful parser then decides, with the same results for what this accepts)."""
+    m = _FAST_SCHEME.match(value)
+    if m is None:
+        return None
+    params: dict[str, str] = {}
+    pos = m.end()
+    n = len(value)
+    while pos < n:
+        m = _FAST_PARAM.match(value, pos)
+        if m is None:
+            return None
+        key = m.group(1).lower()
+        if key in params:
+            return None
+        quoted = m.group(2)
+        params[key] = quoted if quoted is not None else m.group(3)
+        pos = m.end()
+    if any(k not in params for k in _REQUIRED):
+        return None
+    known = {k: params.pop(k) for k in _KNOWN if k in params}
+    return DigestCredentials(**known, params=params)
+
+
 def parse_authorization(value: str) -> DigestCredentials | None:
     """Parse an ``Authorization``/``Proxy-Authorization`` header value.
 
@@ -259,6 +292,9 @@ def parse_authorization(value: str) -> DigestCredentials | None:
     """
     if not isinstance(value, str):
         raise DigestParseError("header value must be str")
+    fast = _parse_fast(value)
+    if fast is not None:
+        return fast
     s = value
     i = _skip_ws(s, 0)
     scheme, i = _token(s, i)
@@ -377,7 +413,7 @@ class NonceManager:
         return int(self._clock() * 1000)
 
     def _tag(self, body: bytes) -> bytes:
-        return hmac.new(self._secret, _NONCE_MAGIC + body, hashlib.sha256).digest()[:_TAG_LEN]
+        return hmac.digest(self._secret, _NONCE_MAGIC + body, "sha256")[:_TAG_LEN]
 
     def generate(self) -> str:
         """A fresh nonce, timestamped with the injected clock."""

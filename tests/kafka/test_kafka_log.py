@@ -12,10 +12,12 @@ import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
 
 from events.kafka import KafkaLog
@@ -169,6 +171,25 @@ async def test_partition_for_matches_producer(kafka_bootstrap: str) -> None:
                 assert md.partition == log.partition_for(k)
         finally:
             await producer.stop()
+
+
+async def test_existing_topic_partition_count_wins(kafka_bootstrap: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    topic = topic_name("existing")
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 3, 1)])
+    finally:
+        await admin.close()
+    caplog.set_level(logging.WARNING, logger="siphon.events.kafka")
+    async with opened(kafka_bootstrap, topic, partitions=6) as log:
+        assert log.partitions == 3
+        placed = await log.append([make_event(f"sip:e{i}@example.com", i) for i in range(30)])
+        assert {p for p, _ in placed} == {0, 1, 2}
+        assert await log.end_position() == {p: sum(1 for q, _ in placed if q == p)
+                                             for p in range(3)}
+    assert any("has 3 partitions" in r.getMessage() for r in caplog.records)
 
 
 # -- follow ---------------------------------------------------------------------------------
@@ -395,7 +416,7 @@ async def _open_fails(config: Kafka, connect_timeout: float = 10.0) -> tuple[Log
 
 async def test_unreachable_bootstrap_fails_open() -> None:
     err, took = await _open_fails(Kafka(bootstrap_servers=["127.0.0.1:1"], topic="t"))
-    assert "127.0.0.1:1" in str(err)
+    assert "127.0.0.1:1" in str(err) and "Connect call failed" in str(err)
     assert took < 15
 
 
@@ -414,6 +435,45 @@ async def test_silent_bootstrap_fails_open_in_time() -> None:
 async def test_empty_bootstrap_rejected() -> None:
     err, _ = await _open_fails(Kafka(topic="t"))
     assert "bootstrap_servers" in str(err)
+
+
+# -- security settings ---------------------------------------------------------------------
+
+SASL = {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+        "sasl_username": "siphon", "sasl_password": "siphon-secret"}
+
+
+async def test_sasl_plain(kafka_sasl_bootstrap: str) -> None:
+    async with opened(kafka_sasl_bootstrap, topic_name("sasl"), **SASL) as log:
+        placed = await log.append([make_event("sip:sasl@example.com", 1)])
+        assert [(r.partition, r.offset) for r in await read_all(log)] == placed
+    bad = make_config(kafka_sasl_bootstrap, topic_name("sasl"),
+                      **{**SASL, "sasl_password": "wrong"})
+    err, took = await _open_fails(bad, connect_timeout=5)
+    assert kafka_sasl_bootstrap in str(err)
+    assert "Authentication failed" in str(err)
+    assert took < 10
+
+
+async def test_ssl(kafka_ssl: tuple[str, str]) -> None:
+    bootstrap, cafile = kafka_ssl
+    async with opened(bootstrap, topic_name("ssl"), security_protocol="SSL",
+                      ssl_cafile=cafile) as log:
+        placed = await log.append([make_event("sip:tls@example.com", 1)])
+        assert [(r.partition, r.offset) for r in await read_all(log)] == placed
+    # the self-signed broker certificate is not trusted without its CA file
+    untrusted = make_config(bootstrap, topic_name("ssl"), security_protocol="SSL")
+    err, took = await _open_fails(untrusted, connect_timeout=5)
+    assert bootstrap in str(err)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(err)
+    assert took < 10
+
+
+def test_unreadable_tls_files_rejected(tmp_path: Path) -> None:
+    config = Kafka(bootstrap_servers=["127.0.0.1:9093"], security_protocol="SSL",
+                   ssl_cafile=str(tmp_path / "missing.pem"))
+    with pytest.raises(LogError, match="TLS"):
+        KafkaLog(config, "n1")
 
 
 # -- performance figures (printed, not asserted) ---------------------------------------------
