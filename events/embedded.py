@@ -55,7 +55,10 @@ _SET_GROUP = 'INSERT OR REPLACE INTO consumer_positions ("group", next_offset) V
 
 _Row = tuple[float, str, bytes, int]
 """An encoded event waiting to be written: ts, key, payload, crc."""
-_Pending = tuple[list[_Row], asyncio.Future[list[tuple[int, int]]]]
+_Pending = tuple[list[_Row], Sequence[Event], asyncio.Future[list[tuple[int, int]]]]
+TAIL_RECORDS = 50_000
+"""Recently committed records kept in memory, so that followers in this process get
+them without reading them back from the file (write-through)."""
 
 
 def _check_header(path: Path) -> None:
@@ -221,6 +224,8 @@ class EmbeddedLog(EventLog):
         self._writer: asyncio.Task[None] | None = None
         self._pending: collections.deque[_Pending] = collections.deque()
         self._wake = asyncio.Event()
+        self._tail: list[Record] = []
+        self._tail_base = 0
         self._commit_seq = 0
         self._waiters: set[asyncio.Future[None]] = set()
 
@@ -370,7 +375,7 @@ class EmbeddedLog(EventLog):
         if not rows:
             return []
         fut: asyncio.Future[list[tuple[int, int]]] = asyncio.get_running_loop().create_future()
-        self._pending.append((rows, fut))
+        self._pending.append((rows, events, fut))
         self._wake.set()
         return await fut
 
@@ -380,13 +385,13 @@ class EmbeddedLog(EventLog):
         count = 0
         pending = self._pending
         while pending:
-            rows, fut = pending[0]
+            rows, events, fut = pending[0]
             if group and count + len(rows) > self.group_commit_max:
                 break
             pending.popleft()
             if fut.done():  # cancelled before being written: drop it
                 continue
-            group.append((rows, fut))
+            group.append((rows, events, fut))
             count += len(rows)
         return group
 
@@ -405,11 +410,11 @@ class EmbeddedLog(EventLog):
                 group = self._take_group()
                 if not group:
                     continue
-                rows = [row for item_rows, _ in group for row in item_rows]
+                rows = [row for item_rows, _, _ in group for row in item_rows]
                 try:
                     base = await loop.run_in_executor(self._wexec, self._write_sync, rows)
                 except Exception as exc:
-                    for _, fut in group:
+                    for _, _, fut in group:
                         if not fut.done():
                             err = LogError(f"{self.path}: append failed: {exc}")
                             err.__cause__ = exc
@@ -418,16 +423,19 @@ class EmbeddedLog(EventLog):
                     continue
                 self.commits += 1
                 offset = base
-                for item_rows, fut in group:
+                committed: list[Record] = []
+                for item_rows, events, fut in group:
                     n = len(item_rows)
                     if not fut.done():
                         fut.set_result([(0, o) for o in range(offset, offset + n)])
+                    committed.extend(Record(0, offset + i, e) for i, e in enumerate(events))
                     offset += n
                 group = []
+                self._remember(base, committed)
                 self._notify()
         except BaseException:
             # Cancelled (loop shutting down) or a bug: nobody may wait forever.
-            for _, fut in [*group, *self._pending]:
+            for _, _, fut in [*group, *self._pending]:
                 if not fut.done():
                     fut.set_exception(LogError(f"{self.path}: event log writer stopped"))
             self._pending.clear()
@@ -458,6 +466,23 @@ class EmbeddedLog(EventLog):
             raise
         return base
 
+    def _remember(self, base: int, records: list[Record]) -> None:
+        """Keep just-committed records for in-process followers (contiguous only)."""
+        if base != self._tail_base + len(self._tail):
+            self._tail = []  # another process wrote in between: restart the tail here
+            self._tail_base = base
+        self._tail.extend(records)
+        excess = len(self._tail) - 2 * TAIL_RECORDS
+        if excess > 0:
+            del self._tail[: excess + TAIL_RECORDS]
+            self._tail_base += excess + TAIL_RECORDS
+
+    def _from_tail(self, pos: int, limit: int) -> list[Record]:
+        start = pos - self._tail_base
+        if 0 <= start < len(self._tail):
+            return self._tail[start : start + limit]
+        return []
+
     def _notify(self) -> None:
         """Wake every follower waiting for a commit (or for the close)."""
         self._commit_seq += 1
@@ -466,10 +491,11 @@ class EmbeddedLog(EventLog):
                 waiter.set_result(None)
         self._waiters.clear()
 
-    async def _wait_commit(self, seen_seq: int) -> None:
-        """Wait until a commit after ``seen_seq`` or ``poll_interval``, whichever first."""
+    async def _wait_commit(self, seen_seq: int) -> bool:
+        """Wait until a commit after ``seen_seq`` or ``poll_interval``, whichever first;
+        True when woken by a commit of this process."""
         if self._commit_seq != seen_seq:
-            return
+            return True
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.add(waiter)
@@ -479,6 +505,7 @@ class EmbeddedLog(EventLog):
         finally:
             timer.cancel()
             self._waiters.discard(waiter)
+        return self._commit_seq != seen_seq
 
     # -- reading -----------------------------------------------------------
 
@@ -545,15 +572,19 @@ class EmbeddedLog(EventLog):
         pos = self._offset(start, "start") or 0
         reader = _Reader(self)
         try:
+            poll = True  # read the file: at start, and after each idle poll interval
             while True:
                 self._check_open()
                 seen_seq = self._commit_seq  # taken before reading: no missed wake-up
-                records, _ = await reader.fetch(pos, None, batch_size)
+                records = self._from_tail(pos, batch_size)
+                if not records and (poll or pos != self._tail_base + len(self._tail)):
+                    records, _ = await reader.fetch(pos, None, batch_size)
+                    poll = False
                 if records:
                     yield records
                     pos += len(records)
                 else:
-                    await self._wait_commit(seen_seq)
+                    poll = not await self._wait_commit(seen_seq)
         finally:
             reader.close()
 

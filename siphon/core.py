@@ -12,7 +12,7 @@ import asyncio
 import email.utils
 import ipaddress
 import logging
-import secrets
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -219,7 +219,7 @@ class SipCore:
                   headers: list[tuple[str, str]] | None = None,
                   to_tag: bool = True) -> Response:
         resp = make_response(req, status, reason,
-                             to_tag=secrets.token_hex(5) if to_tag else None)
+                             to_tag=f"{random.getrandbits(48):012x}" if to_tag else None)
         for name, value in headers or ():
             resp.headers.add(name, value)
         resp.headers.add("Server", self.server_header)

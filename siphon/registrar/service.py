@@ -59,7 +59,8 @@ class Registrar:
         """Append durably, then wait until this node's projection applied the events."""
         if not events:
             return
-        placed = await asyncio.wait_for(self.log.append(events), self.append_timeout)
+        async with asyncio.timeout(self.append_timeout):
+            placed = await self.log.append(events)
         last: dict[int, int] = {}
         for partition, offset in placed:
             last[partition] = max(offset, last.get(partition, -1))

@@ -53,6 +53,19 @@ _CSEQ_RE = re.compile(r"(\d{1,10})[ \t]+(\S+)")
 
 def canonical_name(name: str) -> str:
     """Full, conventionally capitalised header name (expands compact forms)."""
+    known = _CANON_CACHE.get(name)
+    if known is not None:
+        return known
+    full = _canonical(name)
+    if len(_CANON_CACHE) < 4096:
+        _CANON_CACHE[name] = full
+    return full
+
+
+_CANON_CACHE: dict[str, str] = {}
+
+
+def _canonical(name: str) -> str:
     lname = name.lower()
     full = COMPACT_FORMS.get(lname)
     if full is not None:
@@ -60,8 +73,11 @@ def canonical_name(name: str) -> str:
     return _CANONICAL.get(lname, name)
 
 
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+
+
 def is_token(text: str) -> bool:
-    return bool(text) and all(ch in _TOKEN_CHARS for ch in text)
+    return _TOKEN_RE.fullmatch(text) is not None
 
 
 def split_list(value: str) -> list[str]:
@@ -118,37 +134,32 @@ def _skip_lws(text: str, pos: int) -> int:
     return pos
 
 
+_PARAM_RE = re.compile(
+    r"[ \t]*;[ \t]*([A-Za-z0-9\-.!%*_+`'~]+)"
+    r"(?:[ \t]*=[ \t]*(\"(?:[^\"\\]|\\.)*\"|[^;, \t\"]+))?"
+)
+_LWS_RE = re.compile(r"[ \t]*")
+
+
 def parse_params(text: str, pos: int) -> tuple[list[tuple[str, str | None]], int]:
     """Parse ``*( SEMI generic-param )`` from ``pos``; stops at ',' or the end."""
     params: list[tuple[str, str | None]] = []
     n = len(text)
+    match = _PARAM_RE.match
     while True:
-        pos = _skip_lws(text, pos)
-        if pos >= n or text[pos] == ",":
-            return params, pos
-        if text[pos] != ";":
-            raise SipSyntaxError(f"unexpected {text[pos]!r} in parameters")
-        pos = _skip_lws(text, pos + 1)
-        start = pos
-        while pos < n and text[pos] in _TOKEN_CHARS:
-            pos += 1
-        name = text[start:pos]
-        if not name:
-            raise SipSyntaxError("empty parameter")
-        pos = _skip_lws(text, pos)
-        value: str | None = None
-        if pos < n and text[pos] == "=":
-            pos = _skip_lws(text, pos + 1)
-            if pos < n and text[pos] == '"':
-                value, pos = _read_quoted(text, pos)
-            else:
-                start = pos
-                while pos < n and text[pos] not in ";, \t":
-                    pos += 1
-                value = text[start:pos]
-                if not value:
-                    raise SipSyntaxError(f"empty value for parameter {name!r}")
-        params.append((name, value))
+        m = match(text, pos)
+        if m is None:
+            break
+        params.append((m.group(1), m.group(2)))
+        pos = m.end()
+    pos = _LWS_RE.match(text, pos).end()  # type: ignore[union-attr]
+    if pos < n and text[pos] != ",":
+        if text[pos] == ";":
+            raise SipSyntaxError("empty or malformed parameter")
+        if text[pos] == "=":
+            raise SipSyntaxError("empty parameter value")
+        raise SipSyntaxError(f"unexpected {text[pos]!r} in parameters")
+    return params, pos
 
 
 def get_param(params: list[tuple[str, str | None]], name: str) -> str | None:

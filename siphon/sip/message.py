@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from siphon.sip.headers import (
     LIST_HEADERS,
@@ -40,19 +42,57 @@ REASONS = {
 }
 
 
+_LOWER_CACHE: dict[str, str] = {}
+_versions = itertools.count(1)
+
+
+_NAMES: dict[str, tuple[str, str]] = {}
+
+
+def _names_of(name: str) -> tuple[str, str]:
+    """(canonical, lower-case canonical) of a header name as written, cached."""
+    full = canonical_name(name)
+    known = (full, full.lower())
+    if len(_NAMES) < 4096:
+        _NAMES[name] = known
+    return known
+
+
+def _lname(name: str) -> str:
+    """Lower-case full header name (compact forms expanded), cached."""
+    lname = _LOWER_CACHE.get(name)
+    if lname is None:
+        lname = canonical_name(name).lower()
+        if len(_LOWER_CACHE) < 4096:
+            _LOWER_CACHE[name] = lname
+    return lname
+
+
 class Headers:
     """Ordered, case-insensitive multi-map of header fields.
 
     Values are kept as received (one entry per header line); list-valued
-    headers are split on demand with :meth:`get_list`.
+    headers are split on demand with :meth:`get_list`. ``version`` changes on
+    every mutation, so parsed views of a message can be cached safely.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_lower", "version")
 
     def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
         self._items: list[tuple[str, str]] = []
-        for name, value in items or ():
-            self.add(name, value)
+        self._lower: list[str] = []
+        self.version = next(_versions)
+        if items:
+            names = _NAMES
+            for name, value in items:
+                known = names.get(name)
+                if known is None:
+                    known = _names_of(name)
+                self._items.append((known[0], value))
+                self._lower.append(known[1])
+
+    def _touch(self) -> None:
+        self.version = next(_versions)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._items)
@@ -61,21 +101,22 @@ class Headers:
         return len(self._items)
 
     def __contains__(self, name: str) -> bool:
-        lname = canonical_name(name).lower()
-        return any(n.lower() == lname for n, _ in self._items)
+        return _lname(name) in self._lower
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """First value of ``name`` (case-insensitive, compact forms accepted)."""
-        lname = canonical_name(name).lower()
-        for n, v in self._items:
-            if n.lower() == lname:
-                return v
-        return default
+        try:
+            return self._items[self._lower.index(_lname(name))][1]
+        except ValueError:
+            return default
 
     def get_all(self, name: str) -> list[str]:
         """Every header line of ``name``, unsplit."""
-        lname = canonical_name(name).lower()
-        return [v for n, v in self._items if n.lower() == lname]
+        lname = _lname(name)
+        if lname not in self._lower:
+            return []
+        return [item[1] for item, low in zip(self._items, self._lower, strict=True)
+                if low == lname]
 
     def get_list(self, name: str) -> list[str]:
         """Every value of a list header, header lines and commas both split."""
@@ -84,120 +125,157 @@ class Headers:
             out.extend(split_list(value))
         return out
 
+    def lower_names(self) -> list[str]:
+        """Lower-case full names of the header lines, in order."""
+        return self._lower
+
     def count(self, name: str) -> int:
-        lname = canonical_name(name).lower()
-        return sum(1 for n, _ in self._items if n.lower() == lname)
+        return self._lower.count(_lname(name))
 
     def add(self, name: str, value: str, *, first: bool = False) -> None:
         entry = (canonical_name(name), value)
         if first:
             self._items.insert(0, entry)
+            self._lower.insert(0, _lname(name))
         else:
             self._items.append(entry)
+            self._lower.append(_lname(name))
+        self._touch()
 
     def insert_before(self, name: str, value: str) -> None:
         """Insert above the first existing ``name`` header (or append)."""
-        cname = canonical_name(name)
-        lname = cname.lower()
-        for i, (n, _) in enumerate(self._items):
-            if n.lower() == lname:
-                self._items.insert(i, (cname, value))
-                return
-        self._items.append((cname, value))
+        lname = _lname(name)
+        try:
+            i = self._lower.index(lname)
+        except ValueError:
+            i = len(self._items)
+        self._items.insert(i, (canonical_name(name), value))
+        self._lower.insert(i, lname)
+        self._touch()
 
     def set(self, name: str, value: str) -> None:
         """Replace every ``name`` header by one with ``value`` (kept in place)."""
-        cname = canonical_name(name)
-        lname = cname.lower()
-        out: list[tuple[str, str]] = []
-        done = False
-        for n, v in self._items:
-            if n.lower() == lname:
-                if not done:
-                    out.append((cname, value))
-                    done = True
-            else:
-                out.append((n, v))
-        if not done:
-            out.append((cname, value))
-        self._items = out
+        lname = _lname(name)
+        try:
+            i = self._lower.index(lname)
+        except ValueError:
+            self.add(name, value)
+            return
+        self._items[i] = (canonical_name(name), value)
+        for j in range(len(self._lower) - 1, i, -1):
+            if self._lower[j] == lname:
+                del self._items[j]
+                del self._lower[j]
+        self._touch()
 
     def remove(self, name: str) -> None:
-        lname = canonical_name(name).lower()
-        self._items = [(n, v) for n, v in self._items if n.lower() != lname]
+        lname = _lname(name)
+        if lname not in self._lower:
+            return
+        keep = [k for k, low in enumerate(self._lower) if low != lname]
+        self._items = [self._items[k] for k in keep]
+        self._lower = [self._lower[k] for k in keep]
+        self._touch()
+
+    def _first_index(self, name: str) -> int | None:
+        try:
+            return self._lower.index(_lname(name))
+        except ValueError:
+            return None
 
     def pop_first_value(self, name: str) -> str | None:
         """Remove and return the first value of a list header (e.g. the top Via)."""
-        lname = canonical_name(name).lower()
-        for i, (n, v) in enumerate(self._items):
-            if n.lower() == lname:
-                values = split_list(v)
-                if len(values) <= 1:
-                    del self._items[i]
-                else:
-                    self._items[i] = (n, ", ".join(values[1:]))
-                return values[0] if values else None
-        return None
+        i = self._first_index(name)
+        if i is None:
+            return None
+        n, v = self._items[i]
+        values = split_list(v)
+        if len(values) <= 1:
+            del self._items[i]
+            del self._lower[i]
+        else:
+            self._items[i] = (n, ", ".join(values[1:]))
+        self._touch()
+        return values[0] if values else None
 
     def replace_first_value(self, name: str, value: str) -> None:
         """Replace the first value of a list header in place (e.g. the top Via)."""
-        lname = canonical_name(name).lower()
-        for i, (n, v) in enumerate(self._items):
-            if n.lower() == lname:
-                values = split_list(v)
-                self._items[i] = (n, ", ".join([value, *values[1:]]))
-                return
-        self._items.append((canonical_name(name), value))
+        i = self._first_index(name)
+        if i is None:
+            self.add(name, value)
+            return
+        n, v = self._items[i]
+        self._items[i] = (n, ", ".join([value, *split_list(v)[1:]]))
+        self._touch()
 
     def copy(self) -> Headers:
-        h = Headers()
+        h = Headers.__new__(Headers)
         h._items = list(self._items)
+        h._lower = list(self._lower)
+        h.version = next(_versions)
         return h
 
     def encode(self) -> str:
-        return "".join(f"{n}: {v}\r\n" for n, v in self._items)
+        return "".join([f"{n}: {v}\r\n" for n, v in self._items])
 
 
 class Message:
-    """Fields shared by requests and responses."""
+    """Fields shared by requests and responses.
 
-    __slots__ = ("body", "headers", "version")
+    Parsed views of the core headers (Vias, From, To, CSeq, Contacts) are
+    computed once and cached until the headers change.
+    """
+
+    __slots__ = ("_cache", "_cache_version", "body", "headers", "version")
 
     def __init__(self, headers: Headers | None = None, body: bytes = b"",
                  version: str = "SIP/2.0") -> None:
         self.headers = headers if headers is not None else Headers()
         self.body = body
         self.version = version
+        self._cache: dict[str, Any] = {}
+        self._cache_version = 0
 
-    # Convenience accessors (parse on demand; the parser validated them already).
+    def _cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        if self._cache_version != self.headers.version:
+            self._cache.clear()
+            self._cache_version = self.headers.version
+        try:
+            return self._cache[key]
+        except KeyError:
+            value = self._cache[key] = compute()
+            return value
+
     @property
     def call_id(self) -> str:
         return self.headers.get("Call-ID", "") or ""
 
     @property
     def cseq(self) -> tuple[int, str]:
-        return parse_cseq(self.headers.get("CSeq", "") or "")
+        return self._cached("cseq", lambda: parse_cseq(self.headers.get("CSeq", "") or ""))
 
     @property
     def vias(self) -> list[Via]:
-        return [parse_via(v) for v in self.headers.get_list("Via")]
+        return self._cached("vias", lambda: [parse_via(v) for v in self.headers.get_list("Via")])
 
     @property
     def top_via(self) -> Via | None:
-        values = self.headers.get_list("Via")
-        return parse_via(values[0]) if values else None
+        vias = self.vias
+        return vias[0] if vias else None
 
     @property
     def from_(self) -> NameAddr:
-        return parse_name_addr(self.headers.get("From", "") or "")
+        return self._cached("from", lambda: parse_name_addr(self.headers.get("From", "") or ""))
 
     @property
     def to(self) -> NameAddr:
-        return parse_name_addr(self.headers.get("To", "") or "")
+        return self._cached("to", lambda: parse_name_addr(self.headers.get("To", "") or ""))
 
     def name_addrs(self, name: str) -> list[NameAddr]:
+        """Parsed values of a name-addr list header (Contact accepts ``*``)."""
         wildcard = name.lower() in ("contact", "m")
-        return [parse_name_addr(v, allow_wildcard=wildcard) for v in self.headers.get_list(name)]
+        return self._cached("na:" + name.lower(), lambda: [
+            parse_name_addr(v, allow_wildcard=wildcard) for v in self.headers.get_list(name)])
 
     def _encode_with(self, start_line: str) -> bytes:
         self.headers.set("Content-Length", str(len(self.body)))

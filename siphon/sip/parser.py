@@ -19,10 +19,8 @@ from siphon.sip.headers import (
     parse_cseq,
     parse_name_addr,
     parse_uint,
-    parse_via,
 )
 from siphon.sip.message import Headers, Message, Request, Response
-from siphon.sip.uri import parse_uri
 
 DEFAULT_MAX_SIZE = 65_535
 DEFAULT_MAX_HEADERS = 256
@@ -49,24 +47,29 @@ def _split_head(data: bytes) -> tuple[bytes, int] | None:
     return None
 
 
+_FIELD_RE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*:[ \t]*(.*)")
+_SPACE_RE = re.compile(r"\s")
+_FOLD_RE = re.compile(r"[ \t]*\n[ \t]+")
+
+
 def _header_lines(head: str, max_headers: int) -> tuple[str, list[tuple[str, str]]]:
-    lines = head.replace("\r\n", "\n").split("\n")
-    start = lines[0]
+    head = head.replace("\r\n", "\n")
+    start, _, rest = head.partition("\n")
+    if rest[:1] in (" ", "\t"):
+        raise SipSyntaxError("continuation line before any header")
+    if "\n " in rest or "\n\t" in rest:
+        rest = _FOLD_RE.sub(" ", rest)  # unfold continuation lines (LWS)
     fields: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        if line[:1] in (" ", "\t"):
-            if not fields:
-                raise SipSyntaxError("continuation line before any header")
-            name, value = fields[-1]
-            fields[-1] = (name, f"{value} {line.strip()}")
-            continue
-        name, sep, value = line.partition(":")
-        name = name.rstrip(" \t")
-        if not sep or not is_token(name):
+    if not rest:
+        return start, fields
+    match = _FIELD_RE.fullmatch
+    for line in rest.split("\n"):
+        m = match(line)
+        if m is None:
             raise SipSyntaxError(f"malformed header line {line[:60]!r}")
-        fields.append((name, value.strip()))
-        if len(fields) > max_headers:
-            raise SipSyntaxError("too many header fields", 513)
+        fields.append((m.group(1), m.group(2).rstrip(" \t")))
+    if len(fields) > max_headers:
+        raise SipSyntaxError("too many header fields", 513)
     return start, fields
 
 
@@ -142,20 +145,18 @@ def parse_datagram(data: bytes, **kwargs: int) -> Message:
 
 def _check_common(msg: Message) -> None:
     h = msg.headers
-    for name in SINGLE_HEADERS:
-        if h.count(name) > 1:
-            raise SipSyntaxError(f"several {canonical_name(name)} header fields")
+    if len(h) > len(set(h.lower_names())):  # some header repeats: is it a single one?
+        for name in SINGLE_HEADERS:
+            if h.count(name) > 1:
+                raise SipSyntaxError(f"several {canonical_name(name)} header fields")
     for name in ("To", "From", "Call-ID", "CSeq"):
         if not h.get(name):
             raise SipSyntaxError(f"missing {name} header")
-    vias = h.get_list("Via")
-    if not vias:
+    if not msg.vias:  # parses (and caches) every Via
         raise SipSyntaxError("missing Via header")
-    for value in vias:
-        parse_via(value)
-    parse_name_addr(h.get("From") or "")
-    parse_name_addr(h.get("To") or "")
-    if any(ch.isspace() for ch in h.get("Call-ID") or ""):
+    msg.from_  # noqa: B018 - parse and cache
+    msg.to  # noqa: B018
+    if _SPACE_RE.search(h.get("Call-ID") or ""):
         raise SipSyntaxError("bad Call-ID")
     mf = h.get("Max-Forwards")
     if mf is not None:
@@ -167,21 +168,20 @@ def validate_request(req: Request) -> None:
     if req.version != "SIP/2.0":
         raise SipSyntaxError(f"SIP version {req.version} not supported", 505)
     try:
-        uri = parse_uri(req.uri)
+        uri = req.ruri
     except SipSyntaxError as exc:
         raise SipSyntaxError(f"bad Request-URI: {exc.reason}") from None
     if uri.headers is not None:
         raise SipSyntaxError("headers are not allowed in the Request-URI")
     _check_common(req)
     h = req.headers
-    _seq, method = parse_cseq(h.get("CSeq") or "")
+    _seq, method = req.cseq
     if method != req.method:
         raise SipSyntaxError(f"CSeq method {method} does not match {req.method}")
     expires = h.get("Expires")
     if expires is not None:
         parse_uint(expires, "Expires", 2**32 - 1)
-    for value in h.get_list("Contact"):
-        contact = parse_name_addr(value, allow_wildcard=True)
+    for contact in req.name_addrs("Contact"):
         exp = contact.param("expires")
         if exp is not None:
             parse_uint(exp, "Contact expires", 2**32 - 1)

@@ -85,9 +85,10 @@ class ServerTransaction:
             self.state = State.PROCEEDING
             return
         if self.is_invite and status < 300:
-            # 2xx to INVITE: the transaction ends; the ACK is end to end.
+            # 2xx to INVITE: the transaction ends; the ACK is end to end. It is kept for
+            # timer L (RFC 6026 "Accepted") so retransmitted INVITEs are still absorbed.
             self.state = State.TERMINATED
-            self.expires_at = now
+            self.expires_at = now + 64 * T1
             return
         self.state = State.COMPLETED
         if self.is_invite:

@@ -12,7 +12,7 @@ _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?")
 _IPV4_RE = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 # Characters never allowed unescaped anywhere in a SIP URI.
-_FORBIDDEN = frozenset(' \t\r\n<>"{}|\\^`')
+_FORBIDDEN = re.compile(r'[ \t\r\n<>"{}|\\^`]')
 _DEFAULT_PORTS = {"sip": 5060, "sips": 5061}
 # URI parameters that must match when present in either URI (§19.1.4).
 _STRICT_PARAMS = ("user", "ttl", "method", "maddr", "transport")
@@ -140,12 +140,38 @@ def parse_host(text: str) -> tuple[str, int | None]:
     return host, port
 
 
+# The everyday SIP URI: simple user part, host name or IPv4, optional port, simple
+# parameters, no headers. Anything else takes the general path below.
+_FAST_SIP_RE = re.compile(
+    r"(sips?):(?:([A-Za-z0-9\-_.!~*'()&=+$,%]+)@)?"
+    r"([A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?)(?::(\d{1,5}))?"
+    r"((?:;[A-Za-z0-9\-_.!~*'()%+]+(?:=[A-Za-z0-9\-_.!~*'()%+\[\]:]+)?)*)",
+    re.IGNORECASE,
+)
+
+
 def parse_uri(text: str) -> SipUri:
     """Parse a URI; unknown schemes are kept opaque. Raises SipSyntaxError."""
+    m = _FAST_SIP_RE.fullmatch(text)
+    if m is not None:
+        port_text = m.group(4)
+        port = int(port_text) if port_text is not None else None
+        if port is None or port <= 65535:
+            ptext = m.group(5)
+            params: list[tuple[str, str | None]] = []
+            if ptext:
+                for part in ptext[1:].split(";"):
+                    key, sep, value = part.partition("=")
+                    params.append((key, value if sep else None))
+            return SipUri(m.group(1).lower(), m.group(3), m.group(2), None, port, params)
+    return _parse_uri_general(text)
+
+
+def _parse_uri_general(text: str) -> SipUri:
     scheme, sep, rest = text.partition(":")
     if not sep or not _SCHEME_RE.fullmatch(scheme):
         raise SipSyntaxError(f"bad URI {text!r}")
-    if any(ch in _FORBIDDEN for ch in rest):
+    if _FORBIDDEN.search(rest):
         raise SipSyntaxError(f"illegal character in URI {text!r}")
     scheme = scheme.lower()
     if scheme == "tel":
