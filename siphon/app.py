@@ -42,10 +42,13 @@ class StartupError(Exception):
 
 def make_log(cfg: Config) -> EventLog:
     """The EventLog backend the config asks for."""
-    if cfg.registrar.backend == "embedded":
-        return EmbeddedLog(cfg.registrar.path, group_commit_max=cfg.registrar.group_commit_max)
-    raise StartupError(
-        f"registrar.backend {cfg.registrar.backend!r} is not available in this build")
+    if cfg.registrar.backend == "kafka":
+        if cfg.registrar.kafka is None:
+            raise StartupError("registrar.backend is kafka but registrar.kafka is missing")
+        from events.kafka import KafkaLog
+
+        return KafkaLog(cfg.registrar.kafka, cfg.server.instance_id)
+    return EmbeddedLog(cfg.registrar.path, group_commit_max=cfg.registrar.group_commit_max)
 
 
 class Node:
@@ -59,9 +62,12 @@ class Node:
         self.log = make_log(cfg)
         self.runner = ProjectionRunner(self.log)
         r = cfg.registrar
+        append_timeout = (r.kafka.append_timeout if r.backend == "kafka" and r.kafka is not None
+                          else 5.0)
         self.registrar = Registrar(
             self.log, self.runner,
             Limits(r.default_expires, r.min_expires, r.max_expires, r.max_contacts), self.node,
+            append_timeout=append_timeout,
             owns=lambda aor: self.log.partition_for(aor) in self.log.owned_partitions(
                 CALLBACK_GROUP))
         self.auth = AuthService(cfg.auth)
@@ -78,6 +84,7 @@ class Node:
         self.admin_runner: web.AppRunner | None = None
         self.stopping = asyncio.Event()
         self.on_change_failures = 0
+        self.failure: BaseException | None = None
 
     def clock(self) -> float:
         return time.time()
@@ -87,21 +94,11 @@ class Node:
 
     # ---- start-up --------------------------------------------------------------------
     async def start(self) -> None:
+        """Load the script, listen (answering 503 until ready), rebuild the projection
+        from the log up to the end it has now, then follow it and serve."""
         namespaces.bind(self)
         if self.cfg.script.path:
             reg.registry = load_script(self.cfg.script.path, self.cfg.script.include_paths)
-        await self.log.open()
-        # Rebuilding reads every record through the backend's checks (CRC, decoding,
-        # gaps), so a damaged log stops start-up with the offset named.
-        t0 = time.monotonic()
-        count = await self.runner.rebuild(progress=self._rebuild_progress)
-        took = time.monotonic() - t0
-        log.info("projection rebuilt from %d events in %.2fs: %d AoRs, %d bindings",
-                 count, took, len(self.runner.state.aors), self.runner.state.binding_count())
-        self.tasks.append(asyncio.create_task(self.runner.run(), name="projection"))
-        self.tasks.append(asyncio.create_task(self._dispatch_on_change(), name="on_change"))
-        self.tasks.append(asyncio.create_task(
-            self.registrar.run_sweeper(self.cfg.registrar.sweep_interval), name="sweeper"))
         for lst in self.cfg.listen.udp:
             bound = await self.transports.listen_udp(lst.host, lst.port)
             log.info("listening on udp %s:%d", *bound)
@@ -122,8 +119,38 @@ class Node:
             site = web.TCPSite(self.admin_runner, host, port)
             await site.start()
             log.info("admin API on http://%s:%d", host, port)
+        await self.log.open()
+        # Rebuilding reads every record through the backend's checks (CRC, decoding,
+        # gaps), so a damaged log stops start-up with the offset named.
+        t0 = time.monotonic()
+        count = await self.runner.rebuild(progress=self._rebuild_progress)
+        took = time.monotonic() - t0
+        log.info("projection rebuilt from %d events in %.2fs: %d AoRs, %d bindings",
+                 count, took, len(self.runner.state.aors), self.runner.state.binding_count())
+        self._critical(self.runner.run(), "projection")
+        self._critical(self._dispatch_on_change(), "on_change")
+        self.tasks.append(asyncio.create_task(
+            self.registrar.run_sweeper(self.cfg.registrar.sweep_interval), name="sweeper"))
         self.core.ready = True
         log.info("siphon node %s ready", self.node)
+
+    def _critical(self, coro: Any, name: str) -> None:
+        """Run a task the node cannot live without: if it fails, the node stops with an
+        error (a damaged log record under the ``stop`` policy, a bug) rather than serve
+        stale state silently."""
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.append(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            if t.cancelled() or self.stopping.is_set():
+                return
+            exc = t.exception()
+            log.critical("%s stopped: %s; shutting the node down", name,
+                         exc if exc is not None else "ended")
+            self.failure = exc or RuntimeError(f"{name} ended")
+            self.stopping.set()
+
+        task.add_done_callback(done)
 
     def _advertised(self, host: str, advertise: str | None) -> str:
         if advertise:
@@ -241,3 +268,5 @@ async def serve(cfg: Config) -> None:
     await node.stopping.wait()
     log.info("shutting down")
     await node.stop()
+    if node.failure is not None:
+        raise node.failure
