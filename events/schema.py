@@ -89,12 +89,62 @@ class BindingExpired(_Event, tag="binding.expired.v1"):
 
 RegistrarEvent = BindingAdded | BindingRefreshed | BindingRemoved | BindingExpired
 
-Event = RegistrarEvent
-"""Union of every event type the log may hold (grows with trunks etc.)."""
 
-EVENT_TYPES: tuple[type, ...] = (BindingAdded, BindingRefreshed, BindingRemoved, BindingExpired)
+class Trunk(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
+    """A SIP trunk as registered over the trunk registry's REST API."""
+
+    sip_uri: str
+    transport: str = "udp"
+    enabled: bool = True
+    attributes: dict[str, object] = msgspec.field(default_factory=dict)
+    """Other fields of the registered JSON record (e.g. ``max_channels``), kept as given."""
+
+
+class TrunkRegistered(_Event, tag="trunk.registered.v1"):
+    """A trunk registered or replaced (PUT); its lease starts now."""
+
+    trunk_id: str
+    trunk: Trunk
+    lease_expires_at: float
+    replaced: bool = False
+
+
+class TrunkHeartbeat(_Event, tag="trunk.heartbeat.v1"):
+    """A heartbeat that moved the trunk's lease (see ``siphon.trunks`` on thinning)."""
+
+    trunk_id: str
+    lease_expires_at: float
+
+
+class TrunkDeregistered(_Event, tag="trunk.deregistered.v1"):
+    """A trunk removed over the API (DELETE)."""
+
+    trunk_id: str
+
+
+class TrunkExpired(_Event, tag="trunk.expired.v1"):
+    """A trunk whose lease ran out without a heartbeat, appended by the sweeper."""
+
+    trunk_id: str
+    lease_expires_at: float
+
+
+TrunkEvent = TrunkRegistered | TrunkHeartbeat | TrunkDeregistered | TrunkExpired
+
+Event = RegistrarEvent | TrunkEvent
+"""Union of every event type the log may hold."""
+
+EVENT_TYPES: tuple[type, ...] = (
+    BindingAdded, BindingRefreshed, BindingRemoved, BindingExpired,
+    TrunkRegistered, TrunkHeartbeat, TrunkDeregistered, TrunkExpired,
+)
+TRUNK_EVENT_TYPES: tuple[type, ...] = (
+    TrunkRegistered, TrunkHeartbeat, TrunkDeregistered, TrunkExpired)
 
 
 def event_key(event: Event) -> str:
-    """Partitioning key: events with the same key keep their relative order."""
-    return event.aor
+    """Partitioning key: events with the same key keep their relative order (an AoR,
+    or ``trunk:<id>``)."""
+    if isinstance(event, TRUNK_EVENT_TYPES):
+        return f"trunk:{event.trunk_id}"
+    return event.aor  # type: ignore[union-attr]

@@ -9,7 +9,9 @@ import time
 from collections.abc import Callable
 
 from events.log import EventLog, Position, Record
+from events.schema import TRUNK_EVENT_TYPES
 from projections import registrar as reg
+from projections import trunks
 
 log = logging.getLogger("siphon.projection")
 
@@ -18,7 +20,7 @@ Listener = Callable[[Record, str], None]
 
 
 class ProjectionRunner:
-    """Applies log records to a :class:`RegistrarState` in log order.
+    """Applies log records to the registrar and trunk projections in log order.
 
     ``rebuild()`` replays the log up to its current end; ``run()`` then follows
     it. ``wait_applied(partition, offset)`` lets a writer wait until its own
@@ -28,6 +30,7 @@ class ProjectionRunner:
     def __init__(self, log_: EventLog, state: reg.RegistrarState | None = None) -> None:
         self.log = log_
         self.state = state if state is not None else reg.RegistrarState()
+        self.trunks = trunks.TrunkState()
         self.listeners: list[Listener] = []
         self._waiters: dict[int, list[tuple[int, int, asyncio.Future[None]]]] = {}
         self._seq = 0
@@ -36,8 +39,14 @@ class ProjectionRunner:
     def _apply_batch(self, records: list[Record]) -> None:
         state = self.state
         listeners = self.listeners
+        trunk_state = self.trunks
         for rec in records:
-            change = reg.apply_record(state, rec.partition, rec.offset, rec.event)
+            event = rec.event
+            if isinstance(event, TRUNK_EVENT_TYPES):
+                change = trunks.apply(trunk_state, event)
+                state.position[rec.partition] = rec.offset + 1
+            else:
+                change = reg.apply_record(state, rec.partition, rec.offset, event)
             if change is not None:
                 for listener in listeners:
                     listener(rec, change)

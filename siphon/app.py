@@ -14,18 +14,23 @@ from events.embedded import EmbeddedLog
 from events.log import EventLog, LogError, Record
 from projections.registrar import CHANGE_TYPES
 from projections.runner import ProjectionRunner
+from projections.trunks import TRUNK_CHANGES
 from siphon.admin import AdminApi
 from siphon.auth.service import AuthService
 from siphon.config import Config
 from siphon.core import SipCore
+from siphon.http_server import HttpServer, protected
+from siphon.http_server import route as http_route
 from siphon.proxy.forwarder import Forwarder
 from siphon.proxy.routing import NextHop
 from siphon.registrar.plan import Limits
 from siphon.registrar.service import Registrar
 from siphon.script import namespaces
 from siphon.script import registry as reg
+from siphon.script.http_api import Route
 from siphon.script.loader import load_script
 from siphon.transport import Transports
+from siphon.trunks import TrunkService
 
 log = logging.getLogger("siphon")
 
@@ -70,6 +75,12 @@ class Node:
             append_timeout=append_timeout,
             owns=lambda aor: self.log.partition_for(aor) in self.log.owned_partitions(
                 CALLBACK_GROUP))
+        self.trunk_service = TrunkService(
+            self.log, self.runner, self.node, heartbeat_seconds=cfg.trunks.heartbeat_seconds,
+            lease_secs=cfg.trunks.lease_secs, append_timeout=append_timeout,
+            owns=lambda key: self.log.partition_for(key) in self.log.owned_partitions(
+                CALLBACK_GROUP))
+        self.http_servers: list[HttpServer] = []
         self.auth = AuthService(cfg.auth)
         self.transports = Transports(self._receive, max_message_size=cfg.server.max_message_size,
                                      idle_timeout=cfg.server.tcp_idle_timeout,
@@ -131,8 +142,50 @@ class Node:
         self._critical(self._dispatch_on_change(), "on_change")
         self.tasks.append(asyncio.create_task(
             self.registrar.run_sweeper(self.cfg.registrar.sweep_interval), name="sweeper"))
+        self.tasks.append(asyncio.create_task(
+            self.trunk_service.run_sweeper(self.cfg.registrar.sweep_interval),
+            name="trunk-sweeper"))
+        await self._start_http()
         self.core.ready = True
         log.info("siphon node %s ready", self.node)
+
+    async def _start_http(self) -> None:
+        """Run ``@http.on_startup`` hooks, then serve script routes (``http.listen``) and
+        the built-in trunk registry (there, or on ``trunks.listen``)."""
+        for hook in reg.registry.http_startup:
+            try:
+                result = hook.fn()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("http.on_startup hook %s failed",
+                              getattr(hook.fn, "__name__", hook.fn))
+        tcfg = self.cfg.trunks
+        builtin: list[Route] = []
+        if tcfg.enabled:
+            token = tcfg.token or self.cfg.http.token
+            svc = self.trunk_service
+            builtin = [
+                http_route(f"{tcfg.prefix}/{{id}}", ["PUT", "PATCH", "GET", "DELETE"],
+                           protected(svc.handle_one, token)),
+                http_route(tcfg.prefix, ["GET"], protected(svc.handle_list, token)),
+            ]
+        max_body = self.cfg.http.max_body_bytes
+        if self.cfg.http.host_port is not None:
+            shared = builtin if tcfg.listen is None else []
+            server = HttpServer(lambda: [*reg.registry.http_routes, *shared],
+                                max_body_bytes=max_body,
+                                middleware=lambda: reg.registry.http_middleware)
+            await server.start(*self.cfg.http.host_port)
+            self.http_servers.append(server)
+            log.info("http listener on %s", self.cfg.http.listen)
+        elif reg.registry.http_routes:
+            log.warning("the script declares HTTP routes but http.listen is not set")
+        if tcfg.enabled and tcfg.host_port is not None:
+            server = HttpServer(lambda: builtin, max_body_bytes=max_body)
+            await server.start(*tcfg.host_port)
+            self.http_servers.append(server)
+            log.info("trunk registry on %s%s", tcfg.listen, tcfg.prefix)
 
     def _critical(self, coro: Any, name: str) -> None:
         """Run a task the node cannot live without: if it fails, the node stops with an
@@ -203,6 +256,10 @@ class Node:
                     if change is not None and reg.registry.on_change:
                         await self.runner.wait_applied(rec.partition, rec.offset)
                         await self._run_on_change(rec, change)
+                    trunk_change = TRUNK_CHANGES.get(type(rec.event))
+                    if trunk_change is not None and reg.registry.trunk_on_change:
+                        await self.runner.wait_applied(rec.partition, rec.offset)
+                        await self._run_trunk_on_change(rec, trunk_change)
                     pending[rec.partition] = rec.offset + 1
                 if time.monotonic() - last_commit >= COMMIT_INTERVAL:
                     await self._commit_callbacks(pending)
@@ -218,6 +275,19 @@ class Node:
             pending.clear()
         except LogError as exc:
             log.warning("cannot commit on_change position: %s", exc)
+
+    async def _run_trunk_on_change(self, rec: Record, change: str) -> None:
+        trunk_id = rec.event.trunk_id  # type: ignore[union-attr]
+        record = self.trunk_service.view(trunk_id)
+        for handler in reg.registry.trunk_on_change:
+            try:
+                result = handler.fn(trunk_id, change, record)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                self.on_change_failures += 1
+                log.exception("trunks.on_change handler %s failed for %s %s",
+                              getattr(handler.fn, "__name__", handler.fn), trunk_id, change)
 
     async def _run_on_change(self, rec: Record, change: str) -> None:
         aor = rec.event.aor
@@ -245,6 +315,8 @@ class Node:
                 pass
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
+        for server in self.http_servers:
+            await server.close()
         if self.auth.http is not None:
             await self.auth.http.close()
         try:

@@ -243,6 +243,25 @@ class Http(_Base):
         return parse_hostport(self.listen) if self.listen is not None else None
 
 
+class Trunks(_Base):
+    """Built-in trunk registry (``siphon.trunks``), served over HTTP, state in the log."""
+
+    enabled: bool = False
+    prefix: str = "/trunks"
+    heartbeat_seconds: PosInt = 30
+    """Interval trunks are asked to heartbeat at (returned in their record)."""
+    lease_secs: PosInt = 90
+    """A trunk whose last heartbeat is older than this is expired."""
+    listen: str | None = None
+    """Separate listener for the registry (default: ``http.listen``)."""
+    token: str | None = None
+    """Bearer token required on every registry request (default: ``http.token``)."""
+
+    @property
+    def host_port(self) -> tuple[str, int] | None:
+        return parse_hostport(self.listen) if self.listen is not None else None
+
+
 def _default_instance_id() -> str:
     return os.environ.get("HOSTNAME") or "siphon"
 
@@ -284,6 +303,7 @@ class Config(_Base):
     auth: Auth = msgspec.field(default_factory=Auth)
     admin: Admin | None = None
     http: Http = msgspec.field(default_factory=Http)
+    trunks: Trunks = msgspec.field(default_factory=Trunks)
     server: Server = msgspec.field(default_factory=Server)
     log: Log = msgspec.field(default_factory=Log)
     nat: Nat = msgspec.field(default_factory=Nat)
@@ -638,7 +658,7 @@ def _normalise(data: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
     if "warnings" in data:
         raise _Invalid("warnings", kind="unknown")
     data["listen"] = _normalise_listen(data["listen"])
-    for key in ("script", "registrar", "auth", "http", "server", "log", "nat"):
+    for key in ("script", "registrar", "auth", "http", "trunks", "server", "log", "nat"):
         if data.get(key) is None:
             data.pop(key, None)
     if "registrar" in data:
@@ -706,12 +726,19 @@ def _validate(cfg: Config, warnings: list[str]) -> None:
 
     listens = {"admin.listen": cfg.admin.listen if cfg.admin else None}
     listens["http.listen"] = cfg.http.listen
+    listens["trunks.listen"] = cfg.trunks.listen
     for key, value in listens.items():
         if value is not None:
             try:
                 parse_hostport(value)
             except ValueError as exc:
                 raise _Invalid(key, str(exc)) from None
+    if cfg.trunks.enabled and cfg.trunks.listen is None and cfg.http.listen is None:
+        raise _Invalid("trunks.listen", "trunks.enabled needs trunks.listen or http.listen")
+    if not cfg.trunks.prefix.startswith("/") or cfg.trunks.prefix.endswith("/"):
+        raise _Invalid("trunks.prefix", "must start with '/' and not end with '/'")
+    if cfg.trunks.lease_secs <= cfg.trunks.heartbeat_seconds:
+        raise _Invalid("trunks.lease_secs", "must be longer than trunks.heartbeat_seconds")
     if cfg.advertised_address is not None and not cfg.advertised_address.strip():
         raise _Invalid("advertised_address", "must not be empty")
     if not cfg.server.instance_id:

@@ -19,12 +19,14 @@ from siphon.script import registry as reg
 from siphon.script.contact import Contact
 from siphon.script.request import Action, ScriptRequest
 from siphon.sip.errors import SipSyntaxError
+from siphon.trunks import TrunkService
 
 _script_log = logging.getLogger("siphon.script")
 
 
 class Runtime(Protocol):
     registrar: Registrar
+    trunk_service: TrunkService
     auth: AuthService
     node: str
     started_at: float
@@ -190,7 +192,29 @@ class LogNamespace:
         self._emit(logging.ERROR, msg)
 
 
+class TrunksNamespace:
+    """The built-in trunk registry as scripts see it (state from the log)."""
+
+    def get(self, trunk_id: str) -> dict[str, Any] | None:
+        """The record of a live trunk (``sip_uri``, ``transport``, ``enabled``...)."""
+        return _rt().trunk_service.view(trunk_id)
+
+    def live(self, enabled: bool | None = None, transport: str | None = None) -> list[
+            dict[str, Any]]:
+        """Live trunks, optionally only enabled ones / one transport, ordered by id."""
+        return _rt().trunk_service.live(enabled=enabled, transport=transport)
+
+    def on_change(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Register ``fn(trunk_id, event_type, trunk)``; event types: registered,
+        heartbeat, deregistered, expired; ``trunk`` is the live record or None."""
+        if not callable(fn):
+            raise TypeError("trunks.on_change is a bare decorator")
+        reg.registry.trunk_on_change.append(reg.Handler(fn))
+        return fn
+
+
 proxy = ProxyNamespace()
+trunks = TrunksNamespace()
 registrar = RegistrarNamespace()
 auth = AuthNamespace()
 log = LogNamespace()

@@ -25,6 +25,11 @@ class Registry:
 
     on_request: list[Handler] = field(default_factory=list)
     on_change: list[Handler] = field(default_factory=list)
+    trunk_on_change: list[Handler] = field(default_factory=list)
+    http_routes: list[Any] = field(default_factory=list)
+    """``siphon.script.http_api.Route`` objects, in registration order."""
+    http_startup: list[Handler] = field(default_factory=list)
+    http_middleware: list[Handler] = field(default_factory=list)
 
     def request_handlers(self, method: str) -> list[Handler]:
         return [h for h in self.on_request if h.methods is None or method in h.methods]
