@@ -10,6 +10,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from events.schema import Binding
+from siphon.metrics import CONTENT_TYPE
 from siphon.registrar.service import Registrar
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -41,7 +42,9 @@ class AdminApi:
 
     def __init__(self, registrar: Registrar, is_ready: Callable[[], bool],
                  token: str | None = None, protect_reads: bool = False,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 metrics: Callable[[], bytes] | None = None) -> None:
+        self.metrics = metrics
         self.registrar = registrar
         self.is_ready = is_ready
         self.token = token
@@ -60,6 +63,7 @@ class AdminApi:
             web.get("/admin/health", self.health),
             web.get("/ready", self.ready),
             web.get("/admin/ready", self.ready),
+            web.get("/metrics", self.render_metrics),
         ])
         return app
 
@@ -118,6 +122,12 @@ class AdminApi:
             "bindings": state.binding_count(),
             "log_position": {str(k): v for k, v in state.position.items()},
         })
+
+    async def render_metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text exposition of the node's metrics."""
+        if self.metrics is None:
+            return web.json_response({"error": "metrics disabled"}, status=404)
+        return web.Response(body=self.metrics(), headers={"Content-Type": CONTENT_TYPE})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response(

@@ -21,6 +21,7 @@ from siphon.config import Config
 from siphon.core import SipCore
 from siphon.http_server import HttpServer, protected
 from siphon.http_server import route as http_route
+from siphon.metrics import Metrics
 from siphon.proxy.forwarder import Forwarder
 from siphon.proxy.routing import NextHop
 from siphon.registrar.plan import Limits
@@ -28,7 +29,7 @@ from siphon.registrar.service import Registrar
 from siphon.script import namespaces
 from siphon.script import registry as reg
 from siphon.script.http_api import Route
-from siphon.script.loader import load_script
+from siphon.script.loader import ScriptError, load_script
 from siphon.transport import Transports
 from siphon.trunks import TrunkService
 
@@ -95,6 +96,10 @@ class Node:
         self.admin_runner: web.AppRunner | None = None
         self.stopping = asyncio.Event()
         self.on_change_failures = 0
+        self.log_end: dict[int, int] = {}
+        """End offsets of the log, refreshed periodically (consumer lag)."""
+        self.metrics = Metrics(self)
+        self.registrar.observe_append = self.metrics.observe_append()
         self.failure: BaseException | None = None
 
     def clock(self) -> float:
@@ -123,7 +128,8 @@ class Node:
         if self.cfg.admin is not None:
             api = AdminApi(self.registrar, lambda: self.core.ready and not self.core.draining,
                            token=self.cfg.admin.auth.token,
-                           protect_reads=self.cfg.admin.auth.protect_reads)
+                           protect_reads=self.cfg.admin.auth.protect_reads,
+                           metrics=self.metrics.render)
             self.admin_runner = web.AppRunner(api.app(), access_log=None)
             await self.admin_runner.setup()
             host, port = self.cfg.admin.host_port
@@ -145,6 +151,7 @@ class Node:
         self.tasks.append(asyncio.create_task(
             self.trunk_service.run_sweeper(self.cfg.registrar.sweep_interval),
             name="trunk-sweeper"))
+        self.tasks.append(asyncio.create_task(self._track_log_end(), name="log-end"))
         await self._start_http()
         self.core.ready = True
         log.info("siphon node %s ready", self.node)
@@ -186,6 +193,15 @@ class Node:
             await server.start(*tcfg.host_port)
             self.http_servers.append(server)
             log.info("trunk registry on %s%s", tcfg.listen, tcfg.prefix)
+
+    async def _track_log_end(self, interval: float = 2.0) -> None:
+        """Refresh the log's end offsets (for the consumer lag metric)."""
+        while True:
+            try:
+                self.log_end = await self.log.end_position()
+            except (LogError, OSError, TimeoutError) as exc:
+                log.debug("cannot read the log end: %s", exc)
+            await asyncio.sleep(interval)
 
     def _critical(self, coro: Any, name: str) -> None:
         """Run a task the node cannot live without: if it fails, the node stops with an
@@ -303,8 +319,28 @@ class Node:
                               getattr(handler.fn, "__name__", handler.fn), aor, change)
 
     # ---- shutdown --------------------------------------------------------------------
+    def reload_script(self) -> None:
+        """SIGHUP: load the script again; on failure the running one stays. Bindings
+        live in the log and projection, so nothing is dropped."""
+        if not self.cfg.script.path:
+            return
+        try:
+            reg.registry = load_script(self.cfg.script.path, self.cfg.script.include_paths)
+        except ScriptError as exc:
+            log.error("script reload failed, keeping the running script: %s", exc)
+            return
+        log.info("script %s reloaded", self.cfg.script.path)
+
     async def stop(self) -> None:
-        await self.core.drain(timeout=min(5.0, float(self.cfg.server.drain_secs)))
+        """Graceful stop: refuse new SIP transactions (503) and /ready, let in-flight
+        ones finish (bounded by server.drain_secs), stop listeners, commit the
+        callback position, flush and close the log."""
+        drain = float(self.cfg.server.drain_secs)
+        deadline = time.monotonic() + drain
+        await self.core.drain(timeout=drain)
+        forwarder = self.core.forwarder
+        while forwarder is not None and forwarder.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # calls being set up: let them finish
         await self.transports.close()
         for task in self.tasks:
             task.cancel()
@@ -332,6 +368,7 @@ async def serve(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, node.stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, node.reload_script)
     try:
         await node.start()
     except BaseException:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 
 from events.log import LogCorruption, LogError
 from siphon.config import Config, ConfigError, dump_effective, load_config
@@ -22,10 +23,27 @@ def _setup_logging(cfg: Config | None, verbose: bool = False) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if cfg is not None and cfg.log.file:
         handlers.append(logging.FileHandler(cfg.log.file))
-    if cfg is not None and cfg.log.format == "json":
-        fmt = ('{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
-               '"msg":%(message)r}')
     logging.basicConfig(level=level.upper(), format=fmt, handlers=handlers, force=True)
+    if cfg is not None and cfg.log.format == "json":
+        for handler in handlers:
+            handler.setFormatter(JsonFormatter())
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC), level, logger, msg (and exc when there is one)."""
+
+    converter = time.gmtime
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
 
 
 def _load(path: str) -> Config:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from siphon.auth.service import AuthService
+from siphon.metrics import register_outcome
 from siphon.proxy.context import ResponseContext
 from siphon.proxy.forwarder import Forwarder, ProxySession, Target
 from siphon.proxy.routing import (
@@ -163,6 +164,8 @@ class SipCore:
         if resp is None:
             self.transactions.discard(tx)  # silent drop: a retransmission runs it again
             return
+        if req.method == "REGISTER":
+            self._count(f"register_{register_outcome(resp.status)}")
         self._respond(tx, source, resp)
 
     def _respond(self, tx: ServerTransaction | None, source: Source, resp: Response) -> None:

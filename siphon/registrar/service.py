@@ -44,6 +44,7 @@ class Registrar:
         self.clock = clock
         self.append_timeout = append_timeout
         self.owns = owns
+        self.observe_append: Callable[[float], None] = lambda seconds: None
         """Whether this node sweeps an AoR (its partition's owner does, cluster-wide)."""
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -59,8 +60,10 @@ class Registrar:
         """Append durably, then wait until this node's projection applied the events."""
         if not events:
             return
+        started = time.monotonic()
         async with asyncio.timeout(self.append_timeout):
             placed = await self.log.append(events)
+        self.observe_append(time.monotonic() - started)
         last: dict[int, int] = {}
         for partition, offset in placed:
             last[partition] = max(offset, last.get(partition, -1))
