@@ -39,28 +39,39 @@ class RegistrarState:
         return sum(len(b) for b in self.aors.values())
 
 
+def _put(state: RegistrarState, event: BindingAdded | BindingRefreshed) -> str:
+    aors = state.aors
+    bindings = aors.get(event.aor)
+    if bindings is None:
+        bindings = aors[event.aor] = {}
+    binding = event.binding
+    bindings.pop(binding.key, None)  # re-insert: arrival order = recency
+    bindings[binding.key] = binding
+    return "registered" if type(event) is BindingAdded else "refreshed"
+
+
+def _drop(state: RegistrarState, event: BindingRemoved | BindingExpired) -> str | None:
+    bindings = state.aors.get(event.aor)
+    current = bindings.get(event.key) if bindings else None
+    if current is None:
+        return None
+    if type(event) is BindingExpired and current.expires_at != event.expires_at:
+        return None  # the binding was renewed after the sweeper saw it lapse
+    del bindings[event.key]  # type: ignore[index]
+    if not bindings:
+        del state.aors[event.aor]
+    return "deregistered" if type(event) is BindingRemoved else "expired"
+
+
+_APPLY = {BindingAdded: _put, BindingRefreshed: _put, BindingRemoved: _drop,
+          BindingExpired: _drop}
+
+
 def apply(state: RegistrarState, event: Event) -> str | None:
     """Apply one event; returns its on_change type, or None if it changed nothing
     the registrar knows (another projection's event, or a removal of an unknown key)."""
-    if isinstance(event, (BindingAdded, BindingRefreshed)):
-        bindings = state.aors.get(event.aor)
-        if bindings is None:
-            bindings = state.aors[event.aor] = {}
-        bindings.pop(event.binding.key, None)  # re-insert: arrival order = recency
-        bindings[event.binding.key] = event.binding
-        return CHANGE_TYPES[type(event)]
-    if isinstance(event, (BindingRemoved, BindingExpired)):
-        bindings = state.aors.get(event.aor)
-        current = bindings.get(event.key) if bindings else None
-        if current is None:
-            return None
-        if isinstance(event, BindingExpired) and current.expires_at != event.expires_at:
-            return None  # the binding was renewed after the sweeper saw it lapse
-        del bindings[event.key]
-        if not bindings:
-            del state.aors[event.aor]
-        return CHANGE_TYPES[type(event)]
-    return None
+    fn = _APPLY.get(type(event))
+    return fn(state, event) if fn is not None else None  # type: ignore[operator]
 
 
 def apply_record(state: RegistrarState, partition: int, offset: int, event: Event) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import logging
 import time
@@ -38,18 +39,23 @@ class ProjectionRunner:
 
     def _apply_batch(self, records: list[Record]) -> None:
         state = self.state
-        listeners = self.listeners
         trunk_state = self.trunks
+        listeners = self.listeners
+        registrar_apply = reg.apply
+        trunk_types = TRUNK_EVENT_TYPES
+        last: dict[int, int] = {}
         for rec in records:
             event = rec.event
-            if isinstance(event, TRUNK_EVENT_TYPES):
+            if isinstance(event, trunk_types):
                 change = trunks.apply(trunk_state, event)
-                state.position[rec.partition] = rec.offset + 1
             else:
-                change = reg.apply_record(state, rec.partition, rec.offset, event)
-            if change is not None:
+                change = registrar_apply(state, event)
+            last[rec.partition] = rec.offset
+            if change is not None and listeners:
                 for listener in listeners:
                     listener(rec, change)
+        for partition, offset in last.items():
+            state.position[partition] = offset + 1
         self.applied += len(records)
         self._wake()
 
@@ -62,13 +68,25 @@ class ProjectionRunner:
                     fut.set_result(None)
 
     async def rebuild(self, progress: Callable[[int, float], None] | None = None) -> int:
-        """Apply everything in the log up to its end now; returns records applied."""
+        """Apply everything in the log up to its end now; returns records applied.
+
+        The cyclic garbage collector is paused meanwhile (the projection only
+        grows; scanning it over and over is most of the cost otherwise) and the
+        rebuilt state is then frozen out of future collections.
+        """
         start = time.monotonic()
         before = self.applied
-        async for batch in self.log.read(dict(self.state.position) or None):
-            self._apply_batch(batch)
-            if progress is not None:
-                progress(self.applied - before, time.monotonic() - start)
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            async for batch in self.log.read(dict(self.state.position) or None):
+                self._apply_batch(batch)
+                if progress is not None:
+                    progress(self.applied - before, time.monotonic() - start)
+        finally:
+            if was_enabled:
+                gc.enable()
+            gc.freeze()
         return self.applied - before
 
     async def run(self) -> None:
