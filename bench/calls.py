@@ -29,12 +29,23 @@ What it does:
    with the -trace_rtt figures printed alongside.
 
 SIPp itself runs on the same 2 cores: the UAC and UAS CPU are printed per step, and
-'other' is everything else that kept the machine busy.
+'other' is everything else that kept the machine busy (before each run the script waits
+up to --wait-idle s for the machine to be quiet).
+
+Diagnostics: siphon runs (unchanged) under a gc.callbacks hook that logs every
+generation-2 collection and every collection >= 5 ms ("GCPAUSE" lines in siphon.log,
+summed per step; --no-gc-trace runs it plainly). --heap-census N also logs the tracked
+objects every N s (commonest types; ProxySession / Branch / ServerTransaction /
+TimerHandle counts; the sizes of Forwarder.branches/.sessions and of the server
+transaction table; what holds a ProxySession), and --idle-after S shows what is still
+held once the load stopped. --py-spy RATE profiles siphon during that step.
 
 Examples:
     python bench/calls.py
     python bench/calls.py --rates 100,300,500 --duration 5 --py-spy 500
     python bench/calls.py --skip-throughput --latency-rate 100 --latency-duration 20
+    python bench/calls.py --rates 100 --duration 20 --latency-rate 0 --heap-census 30 \\
+        --idle-after 200
 """
 
 from __future__ import annotations
@@ -54,7 +65,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _util as U  # noqa: E402
+import _util as U
 
 UAC_XML = U.BENCH / "sipp" / "call_uac.xml"
 UAS_XML = U.BENCH / "sipp" / "call_uas.xml"
@@ -185,15 +196,48 @@ def _cb(phase, info, _t=_t, _pc=time.perf_counter, _tt=time.thread_time):
             if info["generation"] == 2 else -1))
         sys.stderr.flush()
 gc.callbacks.append(_cb)
+_WATCH = ("ProxySession", "Branch", "ServerTransaction", "ClientTransaction", "Request",
+          "Response", "TimerHandle", "Task", "Future")
+def _chain(obj, skip, depth=6):
+    # types of what holds obj, then what holds the first holder, ... (one path)
+    out = []
+    for _ in range(depth):
+        refs = [r for r in gc.get_referrers(obj)
+                if r is not skip and type(r).__name__ not in ("frame", "list_iterator")]
+        if not refs:
+            break
+        out.append("|".join(sorted({type(r).__qualname__ for r in refs})))
+        obj = refs[0]
+    return " <- ".join(out)
 def _census(every):
     while True:
         time.sleep(every)
         objs = gc.get_objects()
-        top = collections.Counter(type(o).__qualname__ for o in objs).most_common(14)
+        counts = collections.Counter(type(o).__qualname__ for o in objs)
+        top = counts.most_common(10)
+        held = {}
+        tables = []
+        for o in objs:
+            name = type(o).__name__
+            if name == "Forwarder":
+                tables.append("Forwarder.branches=%d Forwarder.sessions=%d" % (
+                    len(getattr(o, "branches", ())), len(getattr(o, "sessions", ()))))
+            elif name == "ServerTransactionTable":
+                tables.append("ServerTransactionTable=%d" % len(o))
+        for o in objs:
+            if type(o).__name__ == "ProxySession":
+                m = getattr(getattr(o, "request", None), "method", "?")
+                if m not in held:
+                    held[m] = _chain(o, objs)
+                if len(held) >= 2:
+                    break
         n = len(objs)
         del objs
-        sys.stderr.write("HEAPCENSUS t=%.0f tracked=%d %s\\n" % (
-            time.time(), n, " ".join("%s=%d" % kv for kv in top)))
+        sys.stderr.write("HEAPCENSUS t=%.0f tracked=%d %s | %s | %s\\n" % (
+            time.time(), n, " ".join("%s=%d" % kv for kv in top),
+            " ".join("%s=%d" % (w, counts.get(w, 0)) for w in _WATCH), " ".join(tables)))
+        for m, c in held.items():
+            sys.stderr.write("HEAPREF ProxySession(%s) <- %s\\n" % (m, c))
         sys.stderr.flush()
 if float(sys.argv[2]) > 0:
     threading.Thread(target=_census, args=(float(sys.argv[2]),), daemon=True).start()
@@ -208,8 +252,12 @@ def gc_traced_command(config: Path) -> list[str]:
 
 
 def last_census(node: U.Siphon) -> str:
-    lines = [ln for ln in node.log_text().splitlines() if ln.startswith("HEAPCENSUS")]
-    return lines[-1] if lines else ""
+    lines = node.log_text().splitlines()
+    idx = max((i for i, ln in enumerate(lines) if ln.startswith("HEAPCENSUS")), default=None)
+    if idx is None:
+        return ""
+    refs = [ln for ln in lines[idx + 1 : idx + 3] if ln.startswith("HEAPREF")]
+    return "\n          ".join([lines[idx], *refs])
 
 
 def gc_pauses(lines: list[str]) -> dict[str, float]:
@@ -301,7 +349,7 @@ def registered_contacts(admin_port: int) -> list[str]:
 
 def uas_command(port: int, calls: int, tag: str, workdir: Path) -> list[str]:
     return ["sipp", "-sf", str(UAS_XML), "-i", "127.0.0.1", "-p", str(port), "-t", "u1",
-            "-m", str(calls), "-l", "1000000", "-nostdin", "-buff_size", str(4 << 20),
+            "-m", str(calls), "-l", "15000", "-nostdin", "-buff_size", str(4 << 20),
             "-trace_stat", "-stf", str(workdir / f"uas_stat_{tag}.csv"), "-fd", "1",
             "-trace_err", "-error_file", str(workdir / f"uas_errors_{tag}.log")]
 
@@ -463,8 +511,11 @@ def _frame_name(frame: str) -> str:
 
 
 def summarize_collapsed(path: Path, seconds: float, top: int = 25) -> str:
-    """Busy share of the event-loop thread and its hottest functions (self and inclusive)
-    from py-spy's collapsed stacks."""
+    """Per OS thread (the busiest is the event loop), the hottest functions (self and
+    inclusive) from py-spy's collapsed stacks. With --nonblocking some stacks are cut
+    short; they still count for their thread. Time the garbage collector takes shows up
+    in whatever frame allocated when it ran (e.g. Headers.__init__), time in uvloop's C
+    code (epoll, socket calls, callbacks' glue) as Runner.run itself."""
     groups: dict[str, dict[str, dict[str, int]]] = {}
     totals: dict[str, int] = {}
     for line in path.read_text(errors="replace").splitlines():
@@ -473,14 +524,13 @@ def summarize_collapsed(path: Path, seconds: float, top: int = 25) -> str:
             continue
         n = int(count)
         frames = stack.split(";")
+        thread = "?"
         if frames and frames[0].startswith("thread ("):
-            frames = frames[1:]
+            thread, frames = frames[0], frames[1:]
         if not frames:
             continue
-        group = "event loop thread" if any("cmd_run" in f or "run_until_complete" in f
-                                           for f in frames) else "other threads"
-        g = groups.setdefault(group, {"self": {}, "incl": {}})
-        totals[group] = totals.get(group, 0) + n
+        g = groups.setdefault(thread, {"self": {}, "incl": {}})
+        totals[thread] = totals.get(thread, 0) + n
         names = [_frame_name(f) for f in frames]
         g["self"][names[-1]] = g["self"].get(names[-1], 0) + n
         for name in set(names):
@@ -488,17 +538,24 @@ def summarize_collapsed(path: Path, seconds: float, top: int = 25) -> str:
     if not totals:
         return "  (no samples)"
     out = []
-    for group in sorted(groups):
-        total = totals[group]
-        out.append(f"  == {group}: {total} samples (~{100 * total / (SPY_RATE * seconds):.0f}%"
-                   " of one core busy); shares below are of these samples ==")
-        g = groups[group]
-        out.append("  -- self --")
-        for name, n in sorted(g["self"].items(), key=lambda kv: -kv[1])[:top]:
-            out.append(f"  {100 * n / total:5.1f}%  {name}")
-        out.append("  -- inclusive --")
-        for name, n in sorted(g["incl"].items(), key=lambda kv: -kv[1])[:top + 10]:
-            out.append(f"  {100 * n / total:5.1f}%  {name}")
+    ordered = sorted(totals, key=lambda t: -totals[t])
+    for rank, thread in enumerate(ordered):
+        total = totals[thread]
+        busy = 100 * total / (SPY_RATE * seconds)
+        if rank == 0:
+            out.append(f"  == {thread}, the event loop: {total} samples (~{busy:.0f}% of one "
+                       "core busy); shares below are of these samples ==")
+            g = groups[thread]
+            out.append("  -- self --")
+            for name, n in sorted(g["self"].items(), key=lambda kv: -kv[1])[:top]:
+                out.append(f"  {100 * n / total:5.1f}%  {name}")
+            out.append("  -- inclusive --")
+            for name, n in sorted(g["incl"].items(), key=lambda kv: -kv[1])[:top + 10]:
+                out.append(f"  {100 * n / total:5.1f}%  {name}")
+        else:
+            hot = sorted(groups[thread]["self"].items(), key=lambda kv: -kv[1])[:3]
+            out.append(f"  == {thread}: {total} samples (~{busy:.1f}% of a core): "
+                       + ", ".join(f"{name} {n}" for name, n in hot))
     return "\n".join(out)
 
 
@@ -625,7 +682,8 @@ def run_calls(label: str, rate: int, duration: float, args: argparse.Namespace,
         with open(node.logfile, "rb") as f:
             f.seek(log_offset)
             new = f.read().decode(errors="replace").splitlines()
-        run.gc = gc_pauses(new)
+        if not args.no_gc_trace:
+            run.gc = gc_pauses(new)
         bad = [ln for ln in new if re.search(r"WARNING|ERROR|CRITICAL|Traceback|Error", ln)]
         run.siphon_log_warnings = len(bad)
         seen: list[str] = []
@@ -647,7 +705,8 @@ def _f(v: float | None, fmt: str = ".1f") -> str:
 
 def print_header() -> str:
     hdr = (f"{'offered/s':>9} {'calls':>6} {'sent/s':>7} {'ok/s':>7} {'fail%':>6} "
-           f"{'retr':>11} {'inv p50':>7} {'p99':>6} {'max':>6}  {'siphon (loop+thr)':>17} {'peak':>5} "
+           f"{'retr':>11} {'inv p50':>7} {'p99':>6} {'max':>6}  {'siphon (loop+thr)':>17} "
+           f"{'peak':>5} "
            f"{'UAC':>5} {'UAS':>5} {'other':>5} {'RSS':>9} {'GC2 n/max':>10}  sustained")
     print(hdr)
     print("-" * len(hdr))
@@ -656,6 +715,7 @@ def print_header() -> str:
 
 def print_run(r: Run) -> None:
     inv = r.invite_ms
+    gc2 = f"{r.gc.get('gen2', 0):.0f}/{r.gc.get('gen2_max_ms', 0):.0f}ms" if r.gc else "-"
     print(f"{r.rate:>9} {r.calls:>6} {r.sent_per_s:>7.0f} {r.achieved_per_s:>7.0f} "
           f"{r.fail_pct:>6.2f} {f'{r.uac_retrans}/{r.uas_retrans}':>11} "
           f"{_f(inv.get('p50'), '.0f'):>5}ms {_f(inv.get('p99'), '.0f'):>4}ms "
@@ -663,9 +723,8 @@ def print_run(r: Run) -> None:
           f"{f'({r.siphon_loop_pct:.0f}+{r.siphon_threads_pct:.0f})':>11} "
           f"{r.siphon_peak_loop_pct:>4.0f}% "
           f"{r.uac_cpu_pct:>4.0f}% {r.uas_cpu_pct:>4.0f}% {r.other_cpu_pct:>4.0f}% "
-          f"{U.fmt_bytes(r.siphon_rss):>9} "
-          f"{(str(int(r.gc.get('gen2', 0))) + '/' + format(r.gc.get('gen2_max_ms', 0), '.0f')) if r.gc else '-':>7}ms"
-          f"  {'yes' if r.sustained else 'NO'}", flush=True)
+          f"{U.fmt_bytes(r.siphon_rss):>9} {gc2:>10}  {'yes' if r.sustained else 'NO'}",
+          flush=True)
     problems = []
     if r.failed or r.unfinished or r.uac_rc != 0:
         problems.append(f"UAC exit {r.uac_rc}: {r.failed} failed ({r.uac_timeouts} timeouts, "
@@ -708,9 +767,9 @@ def latency_report(direct: list[float], proxied: list[float], rd: Run, rp: Run) 
           f"{_f(rp.bye_ms.get('p99'))} ms")
     print(f"  failures: direct {rd.fail_pct:.2f}%, via siphon {rp.fail_pct:.2f}%; "
           f"siphon CPU at {rp.rate}/s {rp.siphon_cpu_pct:.0f}%; other processes "
-          f"{rd.other_cpu_pct:.0f}% / {rp.other_cpu_pct:.0f}% of a core; siphon GC "
-          f"{rp.gc.get('gen2', 0):.0f} gen-2 collections, longest pause "
-          f"{rp.gc.get('max_ms', 0):.0f} ms")
+          f"{rd.other_cpu_pct:.0f}% / {rp.other_cpu_pct:.0f}% of a core"
+          + (f"; siphon GC {rp.gc.get('gen2', 0):.0f} gen-2 collections, longest pause "
+             f"{rp.gc.get('max_ms', 0):.0f} ms" if rp.gc else ""))
     return {"direct": d, "siphon": p,
             "added": {k: p[k] - d[k] for k in ("mean", "p50", "p90", "p99")} if d and p else {}}
 

@@ -137,6 +137,13 @@ class Node:
             await site.start()
             log.info("admin API on http://%s:%d", host, port)
         await self.log.open()
+        # Warm boot: the newest valid snapshot (replay.snapshot), then only the tail.
+        from replay.snapshot import Snapshotter, log_identity, snapshot_path
+
+        self.snapshotter = Snapshotter(
+            self.runner, self.log, snapshot_path(self.cfg), identity=log_identity(self.cfg),
+            node=self.node, interval=self.cfg.registrar.snapshot_interval)
+        await self.snapshotter.restore()
         # Rebuilding reads every record through the backend's checks (CRC, decoding,
         # gaps), so a damaged log stops start-up with the offset named.
         t0 = time.monotonic()
@@ -152,6 +159,8 @@ class Node:
             self.trunk_service.run_sweeper(self.cfg.registrar.sweep_interval),
             name="trunk-sweeper"))
         self.tasks.append(asyncio.create_task(self._track_log_end(), name="log-end"))
+        if self.cfg.registrar.snapshot_interval > 0:
+            self.tasks.append(asyncio.create_task(self.snapshotter.run(), name="snapshots"))
         await self._start_http()
         self.core.ready = True
         log.info("siphon node %s ready", self.node)

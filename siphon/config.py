@@ -176,6 +176,11 @@ class Registrar(_Base):
     enforce_auth_aor_match: bool = False
     group_commit_max: PosInt = 2000
     sweep_interval: PosFloat = 1.0
+    snapshot_interval: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    """Seconds between projection snapshots (0: none are written)."""
+    snapshot_path: str = ""
+    """Snapshot file ("": ``<path>.snapshot``, or ``<dir of path>/<topic>.snapshot`` for
+    Kafka; see replay/snapshot.py)."""
     kafka: Kafka | None = None
 
 
@@ -757,6 +762,8 @@ def _resolve_paths(cfg: Config, base_dir: Path) -> None:
     cfg.script.include_paths = [res(p) for p in cfg.script.include_paths]
     if cfg.registrar.path:
         cfg.registrar.path = res(cfg.registrar.path)
+    if cfg.registrar.snapshot_path:
+        cfg.registrar.snapshot_path = res(cfg.registrar.snapshot_path)
     if cfg.log.file:
         cfg.log.file = res(cfg.log.file)
     if cfg.registrar.kafka is not None:

@@ -86,6 +86,11 @@ class NodeCollector(Collector):
         trunks.add_metric(["live"], live)
         trunks.add_metric(["lapsed"], len(node.runner.trunks.trunks) - live)
         yield trunks
+        forwarder = node.core.forwarder
+        yield GaugeMetricFamily("siphon_proxy_branches", "Proxy branches held (in progress)",
+                                value=len(forwarder.branches) if forwarder is not None else 0)
+        yield GaugeMetricFamily("siphon_server_transactions", "Server transactions held",
+                                value=len(node.core.transactions))
         yield GaugeMetricFamily("siphon_ready", "1 when the node serves SIP",
                                 value=1 if node.core.ready and not node.core.draining else 0)
 

@@ -15,7 +15,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from siphon.proxy.context import Do, ResponseContext
-from siphon.proxy.routing import Identity, NextHop, new_branch, next_hop, record_route_value
+from siphon.proxy.routing import (
+    Identity,
+    NextHop,
+    new_branch,
+    next_hop,
+    record_route_value,
+    stateless_branch,
+)
 from siphon.script.request import Source
 from siphon.sip.client_transaction import (
     ClientTransaction,
@@ -64,6 +71,7 @@ class Branch:
     final: Response | None = None
     cancel_pending: bool = False
     cancelled: bool = False
+    timer_c: asyncio.TimerHandle | None = None
 
 
 @dataclass(slots=True)
@@ -162,7 +170,7 @@ class Forwarder:
                                   parsed=br.request)
         if br.request.method == "INVITE":
             loop = asyncio.get_running_loop()
-            loop.call_later(TIMER_C, lambda: loop.create_task(self._timer_c(br)))
+            br.timer_c = loop.call_later(TIMER_C, lambda: loop.create_task(self._timer_c(br)))
         await self._run_effects(br, br.tx.start(self.clock()))
 
     async def _timer_c(self, br: Branch) -> None:
@@ -222,11 +230,16 @@ class Forwarder:
         self._maybe_forget(br.session)
 
     def _maybe_forget(self, session: ProxySession) -> None:
+        """Drop a session once every branch has a final response and no transaction."""
         if session.context.done and all(b.tx is None for b in session.branches):
             for b in session.branches:
                 self.branches.pop(b.branch, None)
+                if b.timer_c is not None:
+                    b.timer_c.cancel()
+                    b.timer_c = None
             if session.key:
                 self.sessions.pop(session.key, None)
+            session.branches = []  # no session <-> branch cycles left for the GC
 
     # ---- responses ----------------------------------------------------------------------
     def on_response(self, resp: Response) -> bool:
@@ -265,6 +278,7 @@ class Forwarder:
         elif br.final is None:
             br.final = resp
         self._decide(br.session, br.index, resp.status, _strip_top_via(resp), local=False)
+        self._maybe_forget(br.session)
 
     def _local_final(self, session: ProxySession, index: int, status: int, reason: str,
                      br: Branch | None = None) -> None:
@@ -354,7 +368,10 @@ class Forwarder:
             out, hop, conn_id = self._outgoing(req, target, False, in_transport)
         except (SipSyntaxError, ValueError):
             return False
-        self._add_via(out, hop, new_branch(out))
+        # Same ACK in, same branch out, so a retransmitted ACK looks like one (§16.11).
+        upstream = req.top_via
+        seed = upstream.branch if upstream is not None and upstream.branch else req.call_id
+        self._add_via(out, hop, stateless_branch(out, seed or ""))
         return await self.send(out.encode(), hop, conn_id)
 
 

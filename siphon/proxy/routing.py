@@ -116,6 +116,13 @@ def new_branch(req: Request) -> str:
     return f"{BRANCH_PREFIX}{loop_hash(req)}.{secrets.token_hex(6)}"
 
 
+def stateless_branch(req: Request, upstream_branch: str) -> str:
+    """A branch that is the same for every retransmission of a statelessly forwarded
+    request: derived from the upstream branch instead of random."""
+    tail = hashlib.blake2s(upstream_branch.encode(), digest_size=6).hexdigest()
+    return f"{BRANCH_PREFIX}{loop_hash(req)}.{tail}"
+
+
 def is_looped(req: Request, me: Identity) -> bool:
     """§16.3 step 4: one of the Vias is ours with the same loop hash (the request
     came back unchanged: a loop, not a spiral)."""

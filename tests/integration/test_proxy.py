@@ -143,3 +143,31 @@ def test_unknown_cancel_gets_481_and_a_loop_gets_482(siphon: SiphonProcess) -> N
                 final = resp
                 break
         assert final is not None and final.status == 482, final
+
+
+@pytest.mark.timeout(90)
+def test_finished_calls_leave_no_proxy_state(siphon: SiphonProcess, tmp_path: Path) -> None:
+    import time
+    import urllib.request
+
+    siphon.start(script_text=RECIPE)
+    port = free_port()
+    _register_from(siphon, port, tmp_path)
+    answer = _sipp("-sf", str(SIPP / "uas_answer.xml"), "-p", str(port), "-m", "3")
+    for _ in range(3):
+        rc, out = _finish(_call(siphon))
+        assert rc == 0, out[-2000:]
+    assert _finish(answer)[0] == 0
+
+    def branches() -> float:
+        url = f"http://127.0.0.1:{siphon.admin_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith("siphon_proxy_branches "):
+                    return float(line.split()[1])
+        raise AssertionError("no siphon_proxy_branches metric")
+
+    deadline = time.monotonic() + 15  # BYE transactions linger for timer K (5 s)
+    while branches() != 0:
+        assert time.monotonic() < deadline, "proxy sessions are never forgotten"
+        time.sleep(0.5)
