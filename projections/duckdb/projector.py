@@ -1,0 +1,533 @@
+"""The audit projector: log records -> DuckDB tables, exactly once.
+
+Each batch is one DuckDB transaction that inserts the raw rows, advances the derived
+tables (binding sessions, trunk leases) and stores the next log position. A crash
+or Ctrl-C anywhere before COMMIT leaves the database as it was; the next run starts
+from the stored position. So no record is ever counted twice or skipped.
+
+Ingestion is set-based: the batch's payloads go to DuckDB as one BLOB (records
+joined by newlines, which stored JSON never contains), DuckDB splits and parses them
+(``json_transform``), and the session state machine runs as window functions over
+the batch plus the bindings open before it (``binding_open``). Python never touches
+a row, except trunk events (rare: a few per trunk and minute), applied in Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from events.log import Position
+from projections.duckdb.schema import (
+    BINDING_TYPES,
+    KNOWN_TYPES,
+    SCHEMA_VERSION,
+    TABLES,
+    TRUNK_TYPES,
+    VIEWS,
+)
+from projections.duckdb.source import RawBatch
+
+log = logging.getLogger("siphon.audit")
+
+
+class AuditError(Exception):
+    """The audit database cannot be used as asked; ``str()`` is one clear line."""
+
+
+class AuditLocked(AuditError):
+    """Another process holds the audit database file."""
+
+
+_LOCK_RE = re.compile(r"Conflicting lock is held in (?P<prog>.*?) \(PID (?P<pid>\d+)\)")
+
+
+def connect(path: str | os.PathLike[str], *, read_only: bool = False,
+            wait: float = 0.0) -> duckdb.DuckDBPyConnection:
+    """Open the audit database (creating it unless ``read_only``), retrying for up to
+    ``wait`` seconds while another process holds it; raises :class:`AuditError`."""
+    path = Path(path)
+    if read_only and not path.exists():
+        raise AuditError(f"{path}: no audit database there (run `siphon audit sync` first)")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as exc:
+            text = str(exc)
+            m = _LOCK_RE.search(text)
+            if m is None and "Could not set lock" not in text:
+                raise AuditError(f"{path}: cannot open audit database: {text}") from None
+            if time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            who = f" (PID {m.group('pid')}: {m.group('prog')})" if m else ""
+            raise AuditLocked(
+                f"{path}: the audit database is in use by another process{who}; DuckDB "
+                "allows one writer or several readers at a time (`siphon audit follow` "
+                "holds it only while it writes)") from None
+        except duckdb.Error as exc:
+            raise AuditError(f"{path}: cannot open audit database: {exc}") from None
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+    except duckdb.Error:  # pragma: no cover - ICU is built into the Python wheel
+        pass
+    return con
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the tables and views if missing; refuse a database of another version."""
+    con.execute("BEGIN")
+    try:
+        con.execute(TABLES)
+        row = con.execute("SELECT value FROM audit_meta WHERE name = 'schema_version'").fetchone()
+        if row is None:
+            con.execute("INSERT INTO audit_meta VALUES ('schema_version', ?)",
+                        [str(SCHEMA_VERSION)])
+        elif row[0] != str(SCHEMA_VERSION):
+            raise AuditError(f"audit database schema version {row[0]}, this siphon writes "
+                             f"{SCHEMA_VERSION}: rebuild it (delete the file, sync again)")
+        con.execute(VIEWS)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def _t(expr: str) -> str:
+    """SQL: Unix seconds (DOUBLE) -> TIMESTAMP (UTC, microseconds)."""
+    return f"make_timestamp(CAST(round(({expr}) * 1e6) AS BIGINT))"
+
+
+_STRUCT = (
+    '{"type":"VARCHAR","ts":"DOUBLE","node":"VARCHAR","aor":"VARCHAR","key":"VARCHAR",'
+    '"expires_at":"DOUBLE","trunk_id":"VARCHAR","lease_expires_at":"DOUBLE",'
+    '"binding":{"key":"VARCHAR","expires_at":"DOUBLE"}}'
+)
+"""The fields the projector itself needs (the others stay in the JSON: ``events`` view)."""
+
+
+def _known_expr() -> str:
+    """SQL: the record is a known event type with the fields the derivations need."""
+    return """COALESCE(x.ts IS NOT NULL AND CASE x.type
+        WHEN 'binding.added.v1' THEN x.aor IS NOT NULL AND x.binding.key IS NOT NULL
+                                     AND x.binding.expires_at IS NOT NULL
+        WHEN 'binding.refreshed.v1' THEN x.aor IS NOT NULL AND x.binding.key IS NOT NULL
+                                     AND x.binding.expires_at IS NOT NULL
+        WHEN 'binding.removed.v1' THEN x.aor IS NOT NULL AND x.key IS NOT NULL
+        WHEN 'binding.expired.v1' THEN x.aor IS NOT NULL AND x.key IS NOT NULL
+                                       AND x.expires_at IS NOT NULL
+        WHEN 'trunk.deregistered.v1' THEN x.trunk_id IS NOT NULL
+        WHEN 'trunk.registered.v1' THEN x.trunk_id IS NOT NULL
+                                        AND x.lease_expires_at IS NOT NULL
+        WHEN 'trunk.heartbeat.v1' THEN x.trunk_id IS NOT NULL
+                                       AND x.lease_expires_at IS NOT NULL
+        WHEN 'trunk.expired.v1' THEN x.trunk_id IS NOT NULL
+                                     AND x.lease_expires_at IS NOT NULL
+        ELSE false END, false)"""
+
+
+_KNOWN_LIST = ", ".join(f"'{t}'" for t in KNOWN_TYPES)
+
+# _src(log_partition, log_offset, j, x): the payload text and its parse -> an events_raw row.
+_ROW_SELECT = f"""
+SELECT log_partition, log_offset, x.type, {_known_expr()}, x.ts, x.node, x.aor,
+       COALESCE(x.binding.key, x.key), COALESCE(x.binding.expires_at, x.expires_at),
+       x.trunk_id, j,
+       CASE WHEN j IS NULL THEN 'payload is not UTF-8'
+            WHEN x IS NULL THEN 'payload is not a JSON object'
+            WHEN x.type IS NULL AND json_type(j) <> 'OBJECT' THEN 'payload is not a JSON object'
+            WHEN x.type IS NULL THEN 'no event type'
+            WHEN x.type NOT IN ({_KNOWN_LIST}) THEN 'unknown event type'
+            WHEN NOT {_known_expr()} THEN 'missing or mistyped fields for ' || x.type
+       END
+FROM _src
+"""
+
+_CSV = ("read_csv(?, columns={'j': 'VARCHAR'}, delim=chr(1), quote='', escape='', "
+        "header=false, auto_detect=false, new_line='\\n', nullstr=chr(2), "
+        "max_line_size=1073741824, strict_mode=false) WITH ORDINALITY")
+
+_BINDING_LIST = ", ".join(f"'{t}'" for t in BINDING_TYPES)
+
+# The registrar projection's apply(), as set operations over one (aor, key) sequence
+# (h = md5_number(aor, key)): the binding held before the batch ('C', carried, from
+# binding_open) followed by the batch's events in log order. A "segment" starts at
+# each Added/Refreshed (a put) and holds the removals after it; its first Removed, or
+# Expired whose expires_at equals the put's, ends the binding (later ones are no-ops,
+# like removals of a key not held).
+_SEGMENTS = f"""
+CREATE OR REPLACE TEMP TABLE _seg AS
+WITH bev AS (
+    SELECT md5_number(aor || chr(0) || key) AS h,
+           (CAST(log_partition AS BIGINT) << 48) + log_offset AS pos, ts,
+           CASE type WHEN 'binding.added.v1' THEN 'A' WHEN 'binding.refreshed.v1' THEN 'R'
+                     WHEN 'binding.removed.v1' THEN 'D' ELSE 'X' END AS k,
+           expires_at,
+           CASE WHEN type = 'binding.removed.v1'
+                THEN COALESCE(json_extract_string(json, '$.reason'), 'deregistered') END
+               AS reason
+    FROM events_raw WHERE ({{batch}}) AND known AND type IN ({_BINDING_LIST})
+), s AS (
+    SELECT * FROM bev
+    UNION ALL
+    SELECT o.h, -1, o.put_ts, 'C', o.expires_epoch, NULL
+    FROM binding_open o SEMI JOIN (SELECT DISTINCT h FROM bev) t ON o.h = t.h
+), w AS (
+    SELECT *,
+           sum(CASE WHEN k IN ('A', 'R', 'C') THEN 1 ELSE 0 END) OVER win AS seg,
+           last_value(CASE WHEN k IN ('A', 'R', 'C') THEN expires_at END IGNORE NULLS)
+               OVER win AS seg_exp
+    FROM s
+    WINDOW win AS (PARTITION BY h ORDER BY pos
+                   ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+), g AS (
+    SELECT h, seg,
+           min(pos) AS put_pos,
+           arg_min(k, pos) AS put_k,
+           arg_min(ts, pos) AS put_ts,
+           arg_min(expires_at, pos) AS put_exp,
+           min(pos) FILTER (WHERE k = 'D' OR (k = 'X' AND expires_at = seg_exp)) AS rm_pos,
+           arg_min(ts, pos) FILTER (WHERE k = 'D' OR (k = 'X' AND expires_at = seg_exp))
+               AS rm_ts,
+           arg_min(CASE k WHEN 'D' THEN reason ELSE 'expired' END, pos)
+               FILTER (WHERE k = 'D' OR (k = 'X' AND expires_at = seg_exp)) AS rm_reason
+    FROM w WHERE seg > 0
+    GROUP BY h, seg
+)
+SELECT *,
+       -- does this put start a session? Added: always. Refreshed: when nothing is
+       -- held (first, or after a removal) or what was held had lapsed.
+       CASE put_k WHEN 'C' THEN false WHEN 'A' THEN true
+            ELSE COALESCE(lag(rm_pos IS NOT NULL) OVER w2 OR put_ts >= lag(put_exp) OVER w2,
+                          true) END AS starts
+FROM g
+WINDOW w2 AS (PARTITION BY h ORDER BY seg)
+"""
+
+_SESSIONS = f"""
+CREATE OR REPLACE TEMP TABLE _sess AS
+WITH s1 AS (
+    SELECT *,
+           sum(CASE WHEN starts THEN 1 ELSE 0 END) OVER w AS session_no,
+           lead(starts) OVER w AS next_starts,
+           lead(put_k) OVER w AS next_k,
+           lead(put_ts) OVER w AS next_ts
+    FROM _seg
+    WINDOW w AS (PARTITION BY h ORDER BY seg)
+), s2 AS (
+    SELECT h, session_no,
+           arg_min(put_pos, seg) AS first_pos,
+           arg_min(put_k, seg) AS first_k,
+           arg_min(put_ts, seg) AS first_ts,
+           count(*) FILTER (WHERE put_k = 'R' AND NOT starts) AS refreshes,
+           arg_max(put_pos, seg) AS last_pos,
+           arg_max(put_ts, seg) AS last_ts,
+           arg_max(put_exp, seg) AS last_exp,
+           -- how the session's last segment ended (-1e300: still open)
+           arg_max(CASE WHEN rm_pos IS NOT NULL THEN rm_ts
+                        WHEN next_starts THEN next_ts ELSE -1e300 END, seg) AS end_ts,
+           arg_max(CASE WHEN rm_pos IS NOT NULL THEN rm_reason
+                        WHEN next_starts AND next_k = 'A' THEN 'registered-over'
+                        WHEN next_starts THEN 'expired' ELSE '' END, seg) AS end_reason
+    FROM s1 GROUP BY h, session_no
+), fresh AS (  -- attributes of sessions started in this batch, from their first event
+    SELECT (CAST(log_partition AS BIGINT) << 48) + log_offset AS pos, aor, key,
+           json_extract_string(json, ['$.binding.uri', '$.binding.instance',
+               '$.binding.source', '$.binding.transport', '$.binding.user_agent',
+               '$.binding.node']) AS a,
+           node
+    FROM events_raw
+    WHERE ({{batch}}) AND type IN ('binding.added.v1', 'binding.refreshed.v1')
+          AND pos IN (SELECT first_pos FROM s2)
+)
+SELECT s2.*, COALESCE(c.session_id, s2.first_pos) AS session_id,
+       COALESCE(c.aor, b.aor) AS aor, COALESCE(c.binding_key, b.key) AS key,
+       COALESCE(c.contact_uri, b.a[1]) AS contact_uri,
+       COALESCE(c.instance, b.a[2], '') AS instance,
+       COALESCE(c.source, b.a[3], '') AS source,
+       COALESCE(c.transport, b.a[4], 'udp') AS transport,
+       COALESCE(c.user_agent, b.a[5], '') AS user_agent,
+       COALESCE(c.node, NULLIF(b.a[6], ''), b.node) AS node,
+       COALESCE(c.started_at, {_t('s2.first_ts')}) AS started_at,
+       COALESCE(c.started_by, CASE s2.first_k WHEN 'A' THEN 'added' ELSE 'refreshed' END)
+           AS started_by,
+       COALESCE(c.refresh_count, 0) + s2.refreshes AS refresh_count
+FROM s2
+LEFT JOIN binding_open c ON s2.first_k = 'C' AND c.h = s2.h
+LEFT JOIN fresh b ON s2.first_k <> 'C' AND b.pos = s2.first_pos
+"""
+
+_WRITE_SESSIONS = [
+    f"""
+INSERT INTO binding_sessions_closed
+SELECT session_id, aor, key, contact_uri, instance, source, transport, user_agent, node,
+       started_at, started_by, refresh_count, {_t('last_exp')},
+       {_t('least(end_ts, last_exp)')}, end_reason, {_t('end_ts')}
+FROM _sess WHERE end_ts > -1e300
+""",
+    "DELETE FROM binding_open o USING (SELECT DISTINCT h FROM _seg) t WHERE o.h = t.h",
+    f"""
+INSERT INTO binding_open
+SELECT session_id, aor, key, contact_uri, instance, source, transport, user_agent, node,
+       started_at, started_by, refresh_count, {_t('last_exp')}, h, last_pos, last_ts,
+       last_exp
+FROM _sess WHERE end_ts = -1e300
+""",
+]
+
+_TRUNK_LIST = ", ".join(f"'{t}'" for t in TRUNK_TYPES)
+
+
+class AuditProjector:
+    """Writes raw batches into an open audit database (one transaction per batch)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+        self.fail_after_events: Callable[[], None] | None = None
+        """Test hook: called inside the transaction after the raw rows are inserted."""
+        self._lock = threading.Lock()
+
+    # -- position and identity -----------------------------------------------------
+
+    def position(self) -> Position:
+        """Next offset to ingest per partition (empty: nothing ingested yet)."""
+        rows = self.con.execute("SELECT log_partition, next_offset FROM audit_position").fetchall()
+        return {int(p): int(o) for p, o in rows}
+
+    def check_source(self, identity: str) -> None:
+        """Bind the database to one log; refuse to feed it from another."""
+        row = self.con.execute("SELECT value FROM audit_meta WHERE name = 'source'").fetchone()
+        if row is None:
+            self.con.execute("INSERT INTO audit_meta VALUES ('source', ?)", [identity])
+        elif row[0] != identity:
+            raise AuditError(f"this audit database was built from {row[0]}, not {identity}; "
+                             "use another --db file")
+
+    def counts(self) -> dict[str, int]:
+        """Row counts of the main tables (for progress lines and tests)."""
+        out = {}
+        for table in ("events_raw", "binding_sessions_closed", "binding_open",
+                      "trunk_leases_closed", "trunk_open"):
+            out[table] = int(self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        return out
+
+    # -- one batch -------------------------------------------------------------------
+
+    def write(self, batch: RawBatch) -> None:
+        """Ingest ``batch`` and advance the stored position, atomically."""
+        if not len(batch):
+            return
+        with self._lock:
+            con = self.con
+            con.execute("BEGIN")
+            try:
+                self._check_continues(batch)
+                self._insert_raw(batch)
+                if self.fail_after_events is not None:
+                    self.fail_after_events()
+                where = self._batch_filter(batch)
+                con.execute(_SEGMENTS.replace("{batch}", where))
+                con.execute(_SESSIONS.replace("{batch}", where))
+                for sql in _WRITE_SESSIONS:
+                    con.execute(sql)
+                self._trunks(where)
+                for part, nxt in batch.end().items():
+                    con.execute("INSERT OR REPLACE INTO audit_position VALUES (?, ?)",
+                                [part, nxt])
+                con.execute("COMMIT")
+            except BaseException:
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass
+                raise
+            finally:
+                for table in ("_seg", "_sess"):
+                    con.execute(f"DROP TABLE IF EXISTS {table}")
+
+    @staticmethod
+    def _batch_filter(batch: RawBatch) -> str:
+        """SQL condition selecting exactly the batch's rows of ``events_raw``: offsets at
+        or past the stored position are this batch's (zone maps skip older row groups)."""
+        if isinstance(batch.partitions, int):
+            assert isinstance(batch.offsets, range)
+            return (f"log_partition = {int(batch.partitions)} AND log_offset BETWEEN "
+                    f"{batch.offsets.start} AND {batch.offsets.stop - 1}")
+        bounds: dict[int, list[int]] = {}
+        for p, o in zip(batch.partitions, batch.offsets, strict=True):
+            b = bounds.setdefault(p, [o, o])
+            b[0], b[1] = min(b[0], o), max(b[1], o)
+        return " OR ".join(f"(log_partition = {int(p)} AND log_offset BETWEEN {lo} AND {hi})"
+                           for p, (lo, hi) in bounds.items())
+
+    def _check_continues(self, batch: RawBatch) -> None:
+        """Refuse a batch that does not start where the stored position is (a second
+        ingester, or a caller bug): that would count records twice or skip some."""
+        pos = self.position()
+        if isinstance(batch.partitions, int):
+            assert isinstance(batch.offsets, range)
+            firsts = {batch.partitions: batch.offsets.start}
+            exact = True
+        else:
+            firsts = {}
+            for p, o in zip(batch.partitions, batch.offsets, strict=True):
+                firsts.setdefault(p, o)
+            exact = False  # Kafka offsets may have gaps (compaction, markers)
+        for part, first in firsts.items():
+            expected = pos.get(part, 0)
+            if first < expected or (exact and first != expected):
+                raise AuditError(
+                    f"batch starts at offset {first} of partition {part} but the audit "
+                    f"database is at {expected} (another process ingesting the same log?)")
+
+    def _insert_raw(self, batch: RawBatch) -> None:
+        """Insert the batch's ``events_raw`` rows, parsed by DuckDB (in parallel).
+
+        Fast path: the payloads go to a temporary file, one per line, read back with
+        ``read_csv ... WITH ORDINALITY`` (line number -> offset). It needs every payload
+        to be a one-line UTF-8 JSON object text; otherwise (rare: foreign or damaged
+        records) the batch goes as a list of BLOBs, each checked on its own.
+        """
+        con = self.con
+        payloads = batch.payloads
+        blob = b"\n".join(payloads)
+        n = len(payloads)
+        if isinstance(batch.partitions, int):
+            assert isinstance(batch.offsets, range)
+            ids = (f"{int(batch.partitions)} AS log_partition, "
+                   f"{batch.offsets.start} + ordinality - 1 AS log_offset")
+            ids_params: list[Any] = []
+            lists = ""
+            lines = _CSV
+        else:  # several partitions (Kafka): line number -> (partition, offset) by a join
+            ids = "log_partition, log_offset"
+            ids_params = [batch.partitions, batch.offsets]
+            lists = ", unnest(?::INTEGER[]) AS log_partition, unnest(?::BIGINT[]) AS log_offset"
+            lines = (f"{_CSV} JOIN (SELECT unnest(?::INTEGER[]) AS log_partition, "
+                     "unnest(?::BIGINT[]) AS log_offset, generate_subscripts(?::BIGINT[], 1) "
+                     "AS i) ids ON ids.i = ordinality")
+        one_line = (blob.startswith(b"{") and blob.count(b"\n{") == n - 1
+                    and blob.count(b"\n") == n - 1 and b"\r" not in blob
+                    and b"\x01" not in blob and b"\x02" not in blob)
+        if one_line:
+            fd, tmp = tempfile.mkstemp(prefix="siphon-audit-", suffix=".ndjson")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(blob)
+                params = [tmp, *ids_params, batch.offsets] if ids_params else [tmp]
+                con.execute(f"""
+                    INSERT INTO events_raw
+                    WITH _src AS (SELECT {ids}, j, json_transform(j, '{_STRUCT}') AS x
+                                  FROM {lines})
+                    {_ROW_SELECT}""", params)
+                return
+            except duckdb.Error:
+                pass  # bad UTF-8 or JSON somewhere: the careful way below
+            finally:
+                os.unlink(tmp)
+        con.execute(f"""
+            INSERT INTO events_raw
+            WITH _b AS (SELECT unnest(?::BLOB[]) AS b, generate_subscripts(?::BLOB[], 1)
+                               AS ordinality {lists}),
+                 _src AS (SELECT {ids}, j,
+                                 CASE WHEN json_valid(j) THEN json_transform(j, '{_STRUCT}')
+                                 END AS x
+                          FROM (SELECT try(decode(b)) AS j, * FROM _b))
+            {_ROW_SELECT}""", [payloads, payloads, *ids_params])
+
+    # -- trunks (rare events: applied in Python, like projections.trunks) -----------
+
+    def _trunks(self, where: str) -> None:
+        con = self.con
+        rows = con.execute(f"""
+            SELECT (CAST(log_partition AS BIGINT) << 48) + log_offset AS pos, type, ts,
+                   trunk_id, CAST(json_extract(json, '$.lease_expires_at') AS DOUBLE), node,
+                   json_extract_string(json, '$.trunk.sip_uri'),
+                   json_extract_string(json, '$.trunk.transport')
+            FROM events_raw WHERE ({where}) AND known AND type IN ({_TRUNK_LIST})
+            ORDER BY pos""").fetchall()
+        if not rows:
+            return
+        ids = sorted({r[3] for r in rows})
+        state: dict[str, dict[str, Any]] = {}
+        for r in con.execute(
+                "SELECT lease_id, trunk_id, sip_uri, transport, node, epoch_us(started_at), "
+                "registrations, heartbeats, epoch_us(last_heartbeat), lease_epoch "
+                "FROM trunk_open WHERE list_contains(?, trunk_id)", [ids]).fetchall():
+            state[r[1]] = {"lease_id": r[0], "sip_uri": r[2], "transport": r[3], "node": r[4],
+                           "started": r[5] / 1e6, "registrations": r[6], "heartbeats": r[7],
+                           "last_hb": None if r[8] is None else r[8] / 1e6, "lease": r[9]}
+        closed: list[tuple[Any, ...]] = []
+
+        def close(tid: str, end_ts: float, reason: str, event_ts: float | None) -> None:
+            e = state.pop(tid)
+            closed.append((e["lease_id"], tid, e["sip_uri"], e["transport"], e["node"],
+                           e["started"], e["registrations"], e["heartbeats"], e["last_hb"],
+                           e["lease"], min(end_ts, e["lease"]), reason, event_ts))
+
+        for pos, typ, ts, tid, lease, node, uri, transport in rows:
+            cur = state.get(tid)
+            if cur is not None and typ in ("trunk.registered.v1", "trunk.heartbeat.v1") \
+                    and ts >= cur["lease"]:
+                close(tid, cur["lease"], "expired", None)  # lapsed before this renewal
+                if typ == "trunk.heartbeat.v1":  # the projection still holds it: up again
+                    state[tid] = {**cur, "lease_id": pos, "started": ts, "registrations": 0,
+                                  "heartbeats": 1, "last_hb": ts, "lease": lease}
+                    continue
+                cur = None
+            if typ == "trunk.registered.v1":
+                if cur is None:
+                    state[tid] = {"lease_id": pos, "sip_uri": uri, "transport": transport,
+                                  "node": node, "started": ts, "registrations": 1,
+                                  "heartbeats": 0, "last_hb": None, "lease": lease}
+                else:
+                    cur.update(sip_uri=uri, transport=transport, lease=lease,
+                               registrations=cur["registrations"] + 1)
+            elif typ == "trunk.heartbeat.v1":
+                if cur is not None:
+                    cur.update(lease=max(cur["lease"], lease), last_hb=ts,
+                               heartbeats=cur["heartbeats"] + 1)
+            elif typ == "trunk.deregistered.v1":
+                if cur is not None:
+                    close(tid, ts, "deregistered", ts)
+            elif cur is not None and cur["lease"] == lease:  # trunk.expired.v1
+                close(tid, ts, "expired", ts)
+        con.execute("DELETE FROM trunk_open WHERE list_contains(?, trunk_id)", [ids])
+        if closed:
+            cols = list(zip(*closed, strict=True))
+            con.execute(f"""
+                INSERT INTO trunk_leases_closed
+                SELECT l, t, u, tr, n, {_t('s')}, r, h, {_t('hb')}, {_t('le')}, {_t('e')},
+                       reason, {_t('ev')}
+                FROM (SELECT unnest(?::BIGINT[]) l, unnest(?::VARCHAR[]) t,
+                             unnest(?::VARCHAR[]) u, unnest(?::VARCHAR[]) tr,
+                             unnest(?::VARCHAR[]) n, unnest(?::DOUBLE[]) s,
+                             unnest(?::INTEGER[]) r, unnest(?::INTEGER[]) h,
+                             unnest(?::DOUBLE[]) hb, unnest(?::DOUBLE[]) le,
+                             unnest(?::DOUBLE[]) e, unnest(?::VARCHAR[]) reason,
+                             unnest(?::DOUBLE[]) ev)""", [list(c) for c in cols])
+        if state:
+            opened = [(e["lease_id"], tid, e["sip_uri"], e["transport"], e["node"],
+                       e["started"], e["registrations"], e["heartbeats"], e["last_hb"],
+                       e["lease"]) for tid, e in state.items()]
+            cols = list(zip(*opened, strict=True))
+            con.execute(f"""
+                INSERT INTO trunk_open
+                SELECT l, t, u, tr, n, {_t('s')}, r, h, {_t('hb')}, {_t('le')}, le
+                FROM (SELECT unnest(?::BIGINT[]) l, unnest(?::VARCHAR[]) t,
+                             unnest(?::VARCHAR[]) u, unnest(?::VARCHAR[]) tr,
+                             unnest(?::VARCHAR[]) n, unnest(?::DOUBLE[]) s,
+                             unnest(?::INTEGER[]) r, unnest(?::INTEGER[]) h,
+                             unnest(?::DOUBLE[]) hb, unnest(?::DOUBLE[]) le)""",
+                        [list(c) for c in cols])
