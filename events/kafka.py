@@ -113,6 +113,12 @@ class _ClientErrors(logging.Handler):
         logging.getLogger("aiokafka").removeHandler(self)
 
 
+_PRODUCER_BROKEN = tuple(
+    getattr(kerr, name) for name in (
+        "OutOfOrderSequenceNumber", "UnknownProducerIdError", "ProducerFenced")
+    if hasattr(kerr, name))
+
+
 class _OwnershipListener(ConsumerRebalanceListener):
     """Tracks a group member's partitions; pins a new group's start (see module doc)."""
 
@@ -135,7 +141,15 @@ class _OwnershipListener(ConsumerRebalanceListener):
         try:
             for tp in tps:
                 if await self._consumer.committed(tp) is None:
-                    fresh[tp] = OffsetAndMetadata(await self._consumer.position(tp), "")
+                    # A new group starts where the log ended when this node opened it,
+                    # not where it ends now: events appended between this node's
+                    # start and the group's first assignment still get callbacks.
+                    start = self._log.opened_at_end.get(tp.partition)
+                    if start is None:
+                        start = await self._consumer.position(tp)
+                    else:
+                        self._consumer.seek(tp, start)
+                    fresh[tp] = OffsetAndMetadata(start, "")
             if fresh:
                 await self._consumer.commit(fresh)
         except Exception as exc:  # the group just resumes at the end then
@@ -175,6 +189,9 @@ class KafkaLog(EventLog):
         self._partitions = 0
         self._partition_cache: dict[bytes, int] = {}
         self._producer: AIOKafkaProducer | None = None
+        self._producer_lock = asyncio.Lock()
+        self.opened_at_end: dict[int, int] = {}
+        """End offsets of every partition when ``open`` finished."""
         self._meta: AIOKafkaConsumer | None = None
         self._consumers: set[AIOKafkaConsumer] = set()
         self._groups: dict[str, tuple[AIOKafkaConsumer, _OwnershipListener]] = {}
@@ -238,6 +255,43 @@ class KafkaLog(EventLog):
                     raise LogError(f"{where}: cannot connect: {exc}{cause}") from exc
                 raise
         self._state = "open"
+        self.opened_at_end = await self.end_position()
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            **self._common("producer"),
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+            max_batch_size=512 * 1024,
+        )
+
+    async def _replace_producer(self, broken: AIOKafkaProducer, reason: str) -> None:
+        """Start a fresh idempotent producer (new producer id) after a sequence error.
+
+        aiokafka drops a batch that waited longer than its request timeout for a
+        partition leader (a long broker outage) even when it was already sent once;
+        its sequence numbers are then lost and every later batch of that partition is
+        refused as out of order. Only a new producer id gets the partition writable
+        again. The appends that failed answered "outcome unknown" already.
+        """
+        async with self._producer_lock:
+            if self._producer is not broken or self._state != "open":
+                return  # someone else replaced it already
+            log.warning("kafka topic %s: restarting the producer after %s", self.topic, reason)
+            fresh = self._new_producer()
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await fresh.start()
+            except (TimeoutError, kerr.KafkaError) as exc:
+                log.warning("kafka topic %s: new producer not started yet: %s", self.topic, exc)
+                with contextlib.suppress(Exception):
+                    await fresh.stop()
+                return
+            self._producer = fresh
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.connect_timeout):
+                    await broken.stop()
 
     async def _open(self) -> None:
         admin = AIOKafkaAdminClient(**self._common("admin"))
@@ -246,13 +300,7 @@ class KafkaLog(EventLog):
             await self._create_topic(admin)
         finally:
             await admin.close()
-        self._producer = AIOKafkaProducer(
-            **self._common("producer"),
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=2,
-            max_batch_size=512 * 1024,
-        )
+        self._producer = self._new_producer()
         await self._producer.start()
         parts = await self._producer.partitions_for(self.topic)
         self._partitions = len(parts)
@@ -386,6 +434,8 @@ class KafkaLog(EventLog):
                 f"kafka topic {self.topic}: append not acknowledged within "
                 f"{self.config.append_timeout:g} s; outcome unknown") from exc
         except kerr.KafkaError as exc:
+            if isinstance(exc, _PRODUCER_BROKEN):
+                await self._replace_producer(producer, type(exc).__name__)
             raise LogError(f"kafka topic {self.topic}: append failed: {exc!r}") from exc
         finally:
             for fut in futures:  # retrieve failures nobody awaits any more
