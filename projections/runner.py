@@ -37,6 +37,12 @@ class ProjectionRunner:
         self._seq = 0
         self.applied = 0
 
+    def restore(self, state: reg.RegistrarState, trunk_state: trunks.TrunkState) -> None:
+        """Start from a snapshot: ``rebuild()`` then replays only what follows
+        ``state.position``. Call before ``rebuild()``."""
+        self.state = state
+        self.trunks = trunk_state
+
     def _apply_batch(self, records: list[Record]) -> None:
         state = self.state
         trunk_state = self.trunks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from events.log import EventLog, LogError, Record
 from projections.registrar import CHANGE_TYPES
 from projections.runner import ProjectionRunner
 from projections.trunks import TRUNK_CHANGES
+from replay.snapshot import Snapshotter, log_identity, snapshot_path
 from siphon.admin import AdminApi
 from siphon.auth.service import AuthService
 from siphon.config import Config
@@ -54,7 +56,12 @@ def make_log(cfg: Config) -> EventLog:
         from events.kafka import KafkaLog
 
         return KafkaLog(cfg.registrar.kafka, cfg.server.instance_id)
-    return EmbeddedLog(cfg.registrar.path, group_commit_max=cfg.registrar.group_commit_max)
+    from replay.snapshot import snapshot_path
+
+    # With a snapshot the boot reads only the tail: skip the O(file) quick_check too
+    # (the tail's records are still checked; `siphon replay verify` checks the rest).
+    return EmbeddedLog(cfg.registrar.path, group_commit_max=cfg.registrar.group_commit_max,
+                       quick_check=not snapshot_path(cfg).exists())
 
 
 class Node:
@@ -136,10 +143,16 @@ class Node:
             site = web.TCPSite(self.admin_runner, host, port)
             await site.start()
             log.info("admin API on http://%s:%d", host, port)
+        if self.cfg.registrar.snapshot_interval > 0:
+            where = snapshot_path(self.cfg).parent
+            try:
+                where.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=where).close()
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot write snapshots in {where}: {exc.strerror or exc}") from None
         await self.log.open()
         # Warm boot: the newest valid snapshot (replay.snapshot), then only the tail.
-        from replay.snapshot import Snapshotter, log_identity, snapshot_path
-
         self.snapshotter = Snapshotter(
             self.runner, self.log, snapshot_path(self.cfg), identity=log_identity(self.cfg),
             node=self.node, interval=self.cfg.registrar.snapshot_interval)
@@ -161,6 +174,8 @@ class Node:
         self.tasks.append(asyncio.create_task(self._track_log_end(), name="log-end"))
         if self.cfg.registrar.snapshot_interval > 0:
             self.tasks.append(asyncio.create_task(self.snapshotter.run(), name="snapshots"))
+        if self.snapshotter.restored:  # warm boot: check the history it skipped, meanwhile
+            self._critical(self.snapshotter.guard_history(), "history check")
         await self._start_http()
         self.core.ready = True
         log.info("siphon node %s ready", self.node)

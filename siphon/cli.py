@@ -56,7 +56,12 @@ def _load(path: str) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    _setup_logging(cfg, args.verbose)
+    try:
+        _setup_logging(cfg, args.verbose)
+    except OSError as exc:
+        print(f"siphon: log.file {cfg.log.file}: cannot open: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_CONFIG
     for warning in cfg.warnings:
         logging.getLogger("siphon.config").warning("%s", warning)
     from siphon.app import StartupError, serve
@@ -126,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dump", action="store_true", help="print the effective config as JSON")
     check.add_argument("--no-script", action="store_true", help="do not load the script")
     check.set_defaults(func=cmd_check_config)
+
+    from replay.cli import add_parser as add_replay_parser
+
+    add_replay_parser(sub)
+
+    from siphon.audit import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
     return parser
 
 
