@@ -102,3 +102,27 @@ def expired(state: RegistrarState, now: float, limit: int = 10_000) -> list[tupl
                 if len(out) >= limit:
                     return out
     return out
+
+
+def binding_view(aor: str, b: Binding, at: float) -> dict[str, object]:
+    """A binding as JSON-ready dict, as the admin API and the replay tools show it
+    (remaining lifetime counted from ``at``)."""
+    return {
+        "aor": aor,
+        "uri": b.uri,
+        "q": b.q,
+        "expires_remaining": max(0, int(b.expires_at - at)),
+        "expires_at": b.expires_at,
+        "source": b.source,
+        "transport": b.transport,
+        "instance": b.instance or None,
+        "reg_id": b.reg_id or None,
+        "path": list(b.path),
+        "params": [[k, v] for k, v in b.params],
+        "user_agent": b.user_agent,
+        "call_id": b.call_id,
+        "cseq": b.cseq,
+        "node": b.node,
+        "registered_at": b.registered_at,
+    }
+

@@ -308,26 +308,8 @@ async def aor_history(source: Source, aor: str, target: Target,
 # ------------------------------------------------------------------------- rendering
 
 
-def binding_row(aor: str, b: Binding, at: float) -> dict[str, Any]:
-    """A binding as ``GET /admin/registrations`` shows it (remaining time from ``at``)."""
-    return {
-        "aor": aor,
-        "uri": b.uri,
-        "q": b.q,
-        "expires_remaining": max(0, int(b.expires_at - at)),
-        "expires_at": b.expires_at,
-        "source": b.source,
-        "transport": b.transport,
-        "instance": b.instance or None,
-        "reg_id": b.reg_id or None,
-        "path": list(b.path),
-        "params": [[k, v] for k, v in b.params],
-        "user_agent": b.user_agent,
-        "call_id": b.call_id,
-        "cseq": b.cseq,
-        "node": b.node,
-        "registered_at": b.registered_at,
-    }
+binding_row = reg.binding_view
+"""A binding as ``GET /admin/registrations`` shows it (the admin API's own view)."""
 
 
 def trunk_row(trunk_id: str, entry: trk.TrunkEntry, at: float) -> dict[str, Any]:

@@ -9,32 +9,11 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from events.schema import Binding
+from projections.registrar import binding_view
 from siphon.metrics import CONTENT_TYPE
 from siphon.registrar.service import Registrar
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _binding_json(aor: str, b: Binding, now: float) -> dict[str, object]:
-    return {
-        "aor": aor,
-        "uri": b.uri,
-        "q": b.q,
-        "expires_remaining": max(0, int(b.expires_at - now)),
-        "expires_at": b.expires_at,
-        "source": b.source,
-        "transport": b.transport,
-        "instance": b.instance or None,
-        "reg_id": b.reg_id or None,
-        "path": b.path,
-        "params": [[k, v] for k, v in b.params],
-        "user_agent": b.user_agent,
-        "call_id": b.call_id,
-        "cseq": b.cseq,
-        "node": b.node,
-        "registered_at": b.registered_at,
-    }
 
 
 class AdminApi:
@@ -91,7 +70,7 @@ class AdminApi:
         now = self.clock()
         aors = sorted(self.registrar.state.aors)
         page = aors[offset : offset + limit]
-        items = [_binding_json(aor, b, now) for aor in page for b in self.registrar.lookup(aor)]
+        items = [binding_view(aor, b, now) for aor in page for b in self.registrar.lookup(aor)]
         headers = {"X-Total-AoRs": str(len(aors))}
         if offset + limit < len(aors):
             headers["Link"] = (f'</admin/registrations?limit={limit}&offset={offset + limit}>; '
@@ -105,7 +84,7 @@ class AdminApi:
         if not bindings:
             return web.json_response({"error": "not found", "aor": aor}, status=404)
         return web.json_response(
-            {"aor": aor, "contacts": [_binding_json(aor, b, now) for b in bindings]})
+            {"aor": aor, "contacts": [binding_view(aor, b, now) for b in bindings]})
 
     async def delete_registration(self, request: web.Request) -> web.Response:
         aor = unquote(request.match_info["aor"])

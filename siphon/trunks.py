@@ -32,6 +32,7 @@ from events.schema import (
 )
 from projections import trunks as proj
 from projections.runner import ProjectionRunner
+from siphon.registrar.service import run_periodically
 from siphon.script.http_api import HttpRequest, Response
 from siphon.sip.errors import SipSyntaxError
 from siphon.sip.uri import parse_uri
@@ -199,12 +200,8 @@ class TrunkService:
         return len(events)
 
     async def run_sweeper(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.sweep_once()
-            except (LogError, TimeoutError, OSError) as exc:
-                log.warning("trunk expiry sweep failed: %s", exc)
+        """Expire lapsed trunks forever (the partition owner's job, like bindings)."""
+        await run_periodically(self.sweep_once, interval, "trunk expiry sweep")
 
     # ---- REST (the seed trunk-registry contract) ---------------------------------------
     async def handle_one(self, req: HttpRequest) -> Response:

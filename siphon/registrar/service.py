@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from events.log import EventLog, LogError
@@ -116,9 +116,16 @@ class Registrar:
 
     async def run_sweeper(self, interval: float) -> None:
         """Sweep forever; a failing log is retried on the next round."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.sweep_once()
-            except (LogError, TimeoutError, OSError) as exc:
-                log.warning("expiry sweep failed: %s", exc)
+        await run_periodically(self.sweep_once, interval, "expiry sweep")
+
+
+async def run_periodically(step: Callable[[], Awaitable[object]], interval: float,
+                           what: str) -> None:
+    """Run ``step`` every ``interval`` seconds forever; a log failure is logged and the
+    next round retries (used by the binding and trunk expiry sweepers)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await step()
+        except (LogError, TimeoutError, OSError) as exc:
+            log.warning("%s failed: %s", what, exc)
