@@ -583,19 +583,25 @@ class KafkaLog(EventLog):
         consumer = await self._assigned_consumer(
             "follow", begin, fetch_max_wait_ms=self.follow_max_wait_ms)
         try:
-            while True:
-                try:
-                    data = await consumer.getmany(timeout_ms=1000, max_records=batch_size)
-                except _FETCH_ERRORS as exc:
-                    raise self._fetch_error(exc) from exc
-                if not data:
-                    self._check_open()
-                    continue
-                records = self._decode(data)
-                if records:
-                    yield records
+            async for records in self._stream(consumer, batch_size):
+                yield records
         finally:
             await self._release(consumer)
+
+    async def _stream(self, consumer: AIOKafkaConsumer,
+                      batch_size: int) -> AsyncIterator[list[Record]]:
+        """Decoded batches from ``consumer``, forever (``follow`` and ``owned``)."""
+        while True:
+            try:
+                data = await consumer.getmany(timeout_ms=1000, max_records=batch_size)
+            except _FETCH_ERRORS as exc:
+                raise self._fetch_error(exc) from exc
+            if not data:
+                self._check_open()
+                continue
+            records = self._decode(data)
+            if records:
+                yield records
 
     # -- ownership (consumer groups) --------------------------------------------
 
@@ -628,17 +634,8 @@ class KafkaLog(EventLog):
             except (TimeoutError, kerr.KafkaError) as exc:
                 raise LogError(f"kafka topic {self.topic}: cannot join group "
                                f"{self.group_id(group)}: {exc!r}") from exc
-            while True:
-                try:
-                    data = await consumer.getmany(timeout_ms=1000, max_records=batch_size)
-                except _FETCH_ERRORS as exc:
-                    raise self._fetch_error(exc) from exc
-                if not data:
-                    self._check_open()
-                    continue
-                records = self._decode(data)
-                if records:
-                    yield records
+            async for records in self._stream(consumer, batch_size):
+                yield records
         finally:
             if self._groups.get(group, (None,))[0] is consumer:
                 del self._groups[group]
