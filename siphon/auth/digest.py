@@ -408,6 +408,8 @@ class NonceManager:
         self._nc_cache_size = nc_cache_size
         self._nc: OrderedDict[str, tuple[int, int]] = OrderedDict()  # nonce -> (ts_ms, nc)
         self._watermark_ms: int | None = None
+        self._last: tuple[object, int | None] = ("", None)
+        """The last nonce decoded and its result (verify checks a nonce twice)."""
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -423,6 +425,14 @@ class NonceManager:
 
     def _decode(self, nonce: object) -> int | None:
         """Issue time (ms) of an authentic nonce, or None."""
+        last = self._last
+        if last[0] is nonce:
+            return last[1]
+        ts = self._decode_uncached(nonce)
+        self._last = (nonce, ts)
+        return ts
+
+    def _decode_uncached(self, nonce: object) -> int | None:
         if not isinstance(nonce, str) or len(nonce) != _B64_LEN:
             return None
         if not _B64_CHARS.issuperset(nonce):
@@ -561,8 +571,12 @@ def _invalid(reason: str, username: str | None = None) -> AuthResult:
     return AuthResult(AuthStatus.INVALID, username, reason)
 
 
+_NC_RE = re.compile(r"[0-9a-fA-F]{8}")
+_LOWER_HEX_RE = re.compile(r"[0-9a-f]+")
+
+
 def _is_nc(nc: str) -> bool:
-    return len(nc) == 8 and all(c in "0123456789abcdefABCDEF" for c in nc)
+    return _NC_RE.fullmatch(nc) is not None
 
 
 def verify(
@@ -633,7 +647,7 @@ def verify(
     if ha1 is None:
         return _invalid("unknown user or no HA1 for algorithm", user)
     ha1 = ha1.strip().lower()
-    if len(ha1) != _HEX_LEN[base] or not all(c in "0123456789abcdef" for c in ha1):
+    if len(ha1) != _HEX_LEN[base] or _LOWER_HEX_RE.fullmatch(ha1) is None:
         return _invalid("malformed HA1 from lookup", user)
     body_hash = hash_hex(alg, body) if qop == "auth-int" and body is not None else None
     expected = compute_response(

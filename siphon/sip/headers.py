@@ -210,8 +210,30 @@ class NameAddr:
         return f"{head}<{self.uri}>{format_params(self.params)}"
 
 
+# Everyday name-addr: optional quoted display name, <uri>, plain token parameters.
+# Anything else (token display names, addr-spec, LWS, quoted values) takes the
+# general path of parse_name_addr, which accepts a superset of this.
+_FAST_NAME_ADDR_RE = re.compile(
+    r'(?:("(?:[^"\\\r\n]|\\.)*")[ \t]*)?<([^<>\s"]+)>'
+    r"((?:;[A-Za-z0-9\-.!%*_+`'~]+(?:=[A-Za-z0-9\-.!%*_+`'~:\[\]]+)?)*)")
+
+
+def _simple_params(text: str) -> list[tuple[str, str | None]]:
+    """``;a=b;c`` (already validated by a fast-path regex) as a parameter list."""
+    params: list[tuple[str, str | None]] = []
+    for part in text[1:].split(";"):
+        key, sep, val = part.partition("=")
+        params.append((key, val if sep else None))
+    return params
+
+
 def parse_name_addr(value: str, *, allow_wildcard: bool = False) -> NameAddr:
     """Parse one From/To/Contact/Route value (strict about RFC 4475 §3.1.2 cases)."""
+    m = _FAST_NAME_ADDR_RE.fullmatch(value)
+    if m is not None:
+        ptext = m.group(3)
+        return NameAddr(parse_uri(m.group(2)), m.group(1),
+                        _simple_params(ptext) if ptext else [])
     text = value.strip()
     if allow_wildcard and text == "*":
         return NameAddr(SipUri("sip"), wildcard=True)
@@ -293,8 +315,21 @@ _VIA_RE = re.compile(
 )
 
 
+# Everyday Via: SIP/2.0/<transport> host[:port] and plain token parameters.
+_FAST_VIA_RE = re.compile(
+    r"SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?)(?::(\d{1,5}))?"
+    r"((?:;[A-Za-z0-9\-.!%*_+`'~]+(?:=[A-Za-z0-9\-.!%*_+`'~:\[\]]+)?)*)")
+
+
 def parse_via(value: str) -> Via:
     """Parse a single Via value (LWS around '/' allowed)."""
+    m = _FAST_VIA_RE.fullmatch(value)
+    if m is not None:
+        port = m.group(3)
+        if port is None or int(port) <= 65535:
+            ptext = m.group(4)
+            return Via(m.group(1).upper(), m.group(2), int(port) if port else None,
+                       _simple_params(ptext) if ptext else [])
     text = value.strip()
     m = _VIA_RE.match(text)
     if not m:

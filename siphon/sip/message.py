@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from siphon.sip.headers import (
@@ -43,7 +42,6 @@ REASONS = {
 
 
 _LOWER_CACHE: dict[str, str] = {}
-_versions = itertools.count(1)
 
 
 _NAMES: dict[str, tuple[str, str]] = {}
@@ -72,27 +70,38 @@ class Headers:
     """Ordered, case-insensitive multi-map of header fields.
 
     Values are kept as received (one entry per header line); list-valued
-    headers are split on demand with :meth:`get_list`. ``version`` changes on
-    every mutation, so parsed views of a message can be cached safely.
+    headers are split on demand with :meth:`get_list`. ``views`` holds parsed
+    forms of header values (see :class:`Message`), keyed by lower-case header
+    name; a mutation of a header drops its view.
     """
 
-    __slots__ = ("_items", "_lower", "version")
+    __slots__ = ("_items", "_lower", "views")
 
     def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
-        self._items: list[tuple[str, str]] = []
-        self._lower: list[str] = []
-        self.version = next(_versions)
-        if items:
-            names = _NAMES
-            for name, value in items:
-                known = names.get(name)
-                if known is None:
-                    known = _names_of(name)
-                self._items.append((known[0], value))
-                self._lower.append(known[1])
+        self.views: dict[str, Any] = {}
+        if not items:
+            self._items: list[tuple[str, str]] = []
+            self._lower: list[str] = []
+            return
+        names = _NAMES
+        try:
+            known = [names[name] for name, _ in items]
+        except KeyError:
+            known = [names.get(name) or _names_of(name) for name, _ in items]
+        self._items = [(k[0], item[1]) for k, item in zip(known, items, strict=True)]
+        self._lower = [k[1] for k in known]
 
-    def _touch(self) -> None:
-        self.version = next(_versions)
+    @classmethod
+    def _trusted(cls, items: list[tuple[str, str]], lower: list[str]) -> Headers:
+        """Headers from canonical names and their lower-case forms (no checks)."""
+        h = cls.__new__(cls)
+        h._items = items
+        h._lower = lower
+        h.views = {}
+        return h
+
+    def _touch(self, lname: str) -> None:
+        self.views.pop(lname, None)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._items)
@@ -101,18 +110,19 @@ class Headers:
         return len(self._items)
 
     def __contains__(self, name: str) -> bool:
-        return _lname(name) in self._lower
+        return (_LOWER_CACHE.get(name) or _lname(name)) in self._lower
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """First value of ``name`` (case-insensitive, compact forms accepted)."""
-        try:
-            return self._items[self._lower.index(_lname(name))][1]
-        except ValueError:
-            return default
+        lname = _LOWER_CACHE.get(name) or _lname(name)
+        lower = self._lower
+        if lname in lower:
+            return self._items[lower.index(lname)][1]
+        return default
 
     def get_all(self, name: str) -> list[str]:
         """Every header line of ``name``, unsplit."""
-        lname = _lname(name)
+        lname = _LOWER_CACHE.get(name) or _lname(name)
         if lname not in self._lower:
             return []
         return [item[1] for item, low in zip(self._items, self._lower, strict=True)
@@ -133,14 +143,14 @@ class Headers:
         return self._lower.count(_lname(name))
 
     def add(self, name: str, value: str, *, first: bool = False) -> None:
-        entry = (canonical_name(name), value)
+        known = _NAMES.get(name) or _names_of(name)
         if first:
-            self._items.insert(0, entry)
-            self._lower.insert(0, _lname(name))
+            self._items.insert(0, (known[0], value))
+            self._lower.insert(0, known[1])
         else:
-            self._items.append(entry)
-            self._lower.append(_lname(name))
-        self._touch()
+            self._items.append((known[0], value))
+            self._lower.append(known[1])
+        self._touch(known[1])
 
     def insert_before(self, name: str, value: str) -> None:
         """Insert above the first existing ``name`` header (or append)."""
@@ -151,7 +161,7 @@ class Headers:
             i = len(self._items)
         self._items.insert(i, (canonical_name(name), value))
         self._lower.insert(i, lname)
-        self._touch()
+        self._touch(lname)
 
     def set(self, name: str, value: str) -> None:
         """Replace every ``name`` header by one with ``value`` (kept in place)."""
@@ -166,7 +176,7 @@ class Headers:
             if self._lower[j] == lname:
                 del self._items[j]
                 del self._lower[j]
-        self._touch()
+        self._touch(lname)
 
     def remove(self, name: str) -> None:
         lname = _lname(name)
@@ -175,7 +185,7 @@ class Headers:
         keep = [k for k, low in enumerate(self._lower) if low != lname]
         self._items = [self._items[k] for k in keep]
         self._lower = [self._lower[k] for k in keep]
-        self._touch()
+        self._touch(lname)
 
     def _first_index(self, name: str) -> int | None:
         try:
@@ -195,7 +205,7 @@ class Headers:
             del self._lower[i]
         else:
             self._items[i] = (n, ", ".join(values[1:]))
-        self._touch()
+        self._touch(_lname(name))
         return values[0] if values else None
 
     def replace_first_value(self, name: str, value: str) -> None:
@@ -206,13 +216,13 @@ class Headers:
             return
         n, v = self._items[i]
         self._items[i] = (n, ", ".join([value, *split_list(v)[1:]]))
-        self._touch()
+        self._touch(_lname(name))
 
     def copy(self) -> Headers:
         h = Headers.__new__(Headers)
         h._items = list(self._items)
         h._lower = list(self._lower)
-        h.version = next(_versions)
+        h.views = {}
         return h
 
     def encode(self) -> str:
@@ -223,28 +233,16 @@ class Message:
     """Fields shared by requests and responses.
 
     Parsed views of the core headers (Vias, From, To, CSeq, Contacts) are
-    computed once and cached until the headers change.
+    computed once and kept in ``headers.views`` until that header changes.
     """
 
-    __slots__ = ("_cache", "_cache_version", "body", "headers", "version")
+    __slots__ = ("body", "headers", "version")
 
     def __init__(self, headers: Headers | None = None, body: bytes = b"",
                  version: str = "SIP/2.0") -> None:
         self.headers = headers if headers is not None else Headers()
         self.body = body
         self.version = version
-        self._cache: dict[str, Any] = {}
-        self._cache_version = 0
-
-    def _cached(self, key: str, compute: Callable[[], Any]) -> Any:
-        if self._cache_version != self.headers.version:
-            self._cache.clear()
-            self._cache_version = self.headers.version
-        try:
-            return self._cache[key]
-        except KeyError:
-            value = self._cache[key] = compute()
-            return value
 
     @property
     def call_id(self) -> str:
@@ -252,11 +250,19 @@ class Message:
 
     @property
     def cseq(self) -> tuple[int, str]:
-        return self._cached("cseq", lambda: parse_cseq(self.headers.get("CSeq", "") or ""))
+        headers = self.headers
+        value = headers.views.get("cseq")
+        if value is None:
+            value = headers.views["cseq"] = parse_cseq(headers.get("CSeq", "") or "")
+        return value  # type: ignore[no-any-return]
 
     @property
     def vias(self) -> list[Via]:
-        return self._cached("vias", lambda: [parse_via(v) for v in self.headers.get_list("Via")])
+        headers = self.headers
+        value = headers.views.get("via")
+        if value is None:
+            value = headers.views["via"] = [parse_via(v) for v in headers.get_list("Via")]
+        return value  # type: ignore[no-any-return]
 
     @property
     def top_via(self) -> Via | None:
@@ -265,17 +271,30 @@ class Message:
 
     @property
     def from_(self) -> NameAddr:
-        return self._cached("from", lambda: parse_name_addr(self.headers.get("From", "") or ""))
+        headers = self.headers
+        value = headers.views.get("from")
+        if value is None:
+            value = headers.views["from"] = parse_name_addr(headers.get("From", "") or "")
+        return value  # type: ignore[no-any-return]
 
     @property
     def to(self) -> NameAddr:
-        return self._cached("to", lambda: parse_name_addr(self.headers.get("To", "") or ""))
+        headers = self.headers
+        value = headers.views.get("to")
+        if value is None:
+            value = headers.views["to"] = parse_name_addr(headers.get("To", "") or "")
+        return value  # type: ignore[no-any-return]
 
     def name_addrs(self, name: str) -> list[NameAddr]:
         """Parsed values of a name-addr list header (Contact accepts ``*``)."""
-        wildcard = name.lower() in ("contact", "m")
-        return self._cached("na:" + name.lower(), lambda: [
-            parse_name_addr(v, allow_wildcard=wildcard) for v in self.headers.get_list(name)])
+        headers = self.headers
+        lname = _LOWER_CACHE.get(name) or _lname(name)
+        value = headers.views.get(lname)
+        if value is None:
+            wildcard = lname == "contact"
+            value = headers.views[lname] = [
+                parse_name_addr(v, allow_wildcard=wildcard) for v in headers.get_list(name)]
+        return value  # type: ignore[no-any-return]
 
     def _encode_with(self, start_line: str) -> bytes:
         self.headers.set("Content-Length", str(len(self.body)))
@@ -337,15 +356,23 @@ class Response(Message):
         return f"<Response {self.status} {self.reason}>"
 
 
+_RESPONSE_COPY = frozenset(("via", "from", "call-id", "cseq"))
+
+
 def make_response(request: Request, status: int, reason: str | None = None, *,
                   to_tag: str | None = None) -> Response:
     """A response to ``request`` with Via, From, To, Call-ID and CSeq copied (§8.2.6)."""
-    headers = Headers()
-    for name, value in request.headers:
-        if name in ("Via", "From", "Call-ID", "CSeq"):
-            headers.add(name, value)
-        elif name == "To":
+    items: list[tuple[str, str]] = []
+    lower: list[str] = []
+    copy = _RESPONSE_COPY
+    for item, lname in zip(request.headers._items, request.headers._lower, strict=True):
+        if lname in copy:
+            items.append(item)
+            lower.append(lname)
+        elif lname == "to":
+            value = item[1]
             if to_tag and status != 100 and not _TAG_RE.search(value):
-                value = f"{value};tag={to_tag}"
-            headers.add(name, value)
-    return Response(status, reason, headers)
+                item = (item[0], f"{value};tag={to_tag}")
+            items.append(item)
+            lower.append(lname)
+    return Response(status, reason, Headers._trusted(items, lower))
