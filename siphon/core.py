@@ -40,7 +40,7 @@ from siphon.sip.errors import SipSyntaxError
 from siphon.sip.headers import parse_uint
 from siphon.sip.message import Headers, Request, Response, make_response
 from siphon.sip.parser import ParseError, parse_message
-from siphon.sip.transaction import ServerTransaction, ServerTransactionTable
+from siphon.sip.transaction import ServerTransaction, ServerTransactionTable, server_key
 from siphon.sip.uri import parse_uri
 
 log = logging.getLogger("siphon.core")
@@ -139,14 +139,15 @@ class SipCore:
                 return  # ACK for a non-2xx: absorbed hop by hop
             await self._process(req, source)  # ACK for a 2xx: end to end, via the script
             return
-        tx = self.transactions.match(req)
+        key = server_key(req)
+        tx = self.transactions.match(req, key)
         if tx is not None:
             self._count("retransmissions")
             wire = tx.on_retransmission()
             if wire is not None:
                 self.send(wire, source)
             return
-        tx = self.transactions.create(req, reliable=source.transport != "udp")
+        tx = self.transactions.create(req, reliable=source.transport != "udp", key=key)
         if tx is None:
             self.send(self._response(req, 503, "Service Unavailable",
                                      [("Retry-After", "5")]).encode(), source)
@@ -235,13 +236,16 @@ class SipCore:
             return self._response(req, 503, "Service Unavailable", [("Retry-After", "2")])
         if req.ruri.scheme not in _SCHEMES:
             return self._response(req, 416, None)
-        unsupported = [t for t in req.headers.get_list("Proxy-Require")
-                       if t.lower() not in SUPPORTED_EXTENSIONS]
-        if req.method == "REGISTER":
-            unsupported += [t for t in req.headers.get_list("Require")
-                            if t.lower() not in SUPPORTED_EXTENSIONS]
-        if unsupported:
-            return self._response(req, 420, None, [("Unsupported", ", ".join(unsupported))])
+        lower = req.headers.lower_names()
+        if "proxy-require" in lower or "require" in lower:
+            unsupported = [t for t in req.headers.get_list("Proxy-Require")
+                           if t.lower() not in SUPPORTED_EXTENSIONS]
+            if req.method == "REGISTER":
+                unsupported += [t for t in req.headers.get_list("Require")
+                                if t.lower() not in SUPPORTED_EXTENSIONS]
+            if unsupported:
+                return self._response(req, 420, None,
+                                      [("Unsupported", ", ".join(unsupported))])
         mf = req.headers.get("Max-Forwards")
         if mf is not None and int(mf.strip()) == 0 and req.method != "REGISTER":
             return self._response(req, 483, None)
@@ -356,7 +360,7 @@ class SipCore:
                 if b.q != 1.0:
                     contact += f";q={b.q:g}"
                 headers.append(("Contact", contact))
-            headers.append(("Date", email.utils.formatdate(now, usegmt=True)))
+            headers.append(("Date", _http_date(now)))
             headers.extend(("Path", p) for p in inp.path)
             headers.extend(sreq.reply_headers)
         return self._response(req, result.status, result.reason, headers)
@@ -366,6 +370,18 @@ class SipCore:
         self.draining = True
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date(now: float) -> str:
+    """RFC 1123 date of ``now`` for the Date header (formatted once per second)."""
+    global _date_cache
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.formatdate(second, usegmt=True))
+    return _date_cache[1]
 
 
 def _flow_destination(contact: Contact) -> tuple[str, int, str] | None:

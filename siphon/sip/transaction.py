@@ -9,6 +9,8 @@ transactions with timer J (non-INVITE) / H and I (INVITE).
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,6 +72,14 @@ class ServerTransaction:
     expires_at: float | None = None
     """When the transaction is forgotten (timer J / H / I), None while active."""
     data: dict[str, object] = field(default_factory=dict)
+    on_expiry: Callable[[ServerTransaction], None] | None = field(
+        default=None, repr=False, compare=False)
+    """Told when ``expires_at`` is set (the table schedules the removal)."""
+
+    def _expire_at(self, when: float) -> None:
+        self.expires_at = when
+        if self.on_expiry is not None:
+            self.on_expiry(self)
 
     @property
     def is_invite(self) -> bool:
@@ -88,13 +98,13 @@ class ServerTransaction:
             # 2xx to INVITE: the transaction ends; the ACK is end to end. It is kept for
             # timer L (RFC 6026 "Accepted") so retransmitted INVITEs are still absorbed.
             self.state = State.TERMINATED
-            self.expires_at = now + 64 * T1
+            self._expire_at(now + 64 * T1)
             return
         self.state = State.COMPLETED
         if self.is_invite:
-            self.expires_at = now + 64 * T1  # timer H
+            self._expire_at(now + 64 * T1)  # timer H
         else:
-            self.expires_at = now + (0.0 if self.reliable else 64 * T1)  # timer J
+            self._expire_at(now + (0.0 if self.reliable else 64 * T1))  # timer J
 
     def on_retransmission(self) -> bytes | None:
         """A retransmitted request: what to send back (the last response), if anything."""
@@ -106,16 +116,26 @@ class ServerTransaction:
         """ACK for a non-2xx final response to INVITE (§17.2.1): absorbed, timer I."""
         if self.is_invite and self.state == State.COMPLETED:
             self.state = State.CONFIRMED
-            self.expires_at = now + (0.0 if self.reliable else T4)
+            self._expire_at(now + (0.0 if self.reliable else T4))
+
+
+# Transactions the TU never answered are dropped after this long (timer-B-like).
+UNANSWERED_LIFETIME = 64 * T1 * 4
 
 
 class ServerTransactionTable:
-    """Active server transactions, with bounded size and clock-driven expiry."""
+    """Active server transactions, with bounded size and clock-driven expiry.
+
+    Removal is scheduled on a heap when a transaction's timer starts, so expiring
+    costs O(log n) per transaction rather than a scan of the whole table.
+    """
 
     def __init__(self, clock: Callable[[], float], max_size: int = 200_000,
                  expire_interval: float = 1.0) -> None:
         self._clock = clock
         self._items: dict[tuple[str, ...], ServerTransaction] = {}
+        self._timers: list[tuple[float, int, ServerTransaction]] = []
+        self._seq = itertools.count()
         self.max_size = max_size
         self.expire_interval = expire_interval
         self._last_expire = clock()
@@ -123,42 +143,63 @@ class ServerTransactionTable:
     def __len__(self) -> int:
         return len(self._items)
 
-    def match(self, request: Request) -> ServerTransaction | None:
+    def _schedule(self, tx: ServerTransaction) -> None:
+        assert tx.expires_at is not None
+        heapq.heappush(self._timers, (tx.expires_at, next(self._seq), tx))
+
+    def match(self, request: Request,
+              key: tuple[str, ...] | None = None) -> ServerTransaction | None:
         """The transaction a request (retransmission, ACK) belongs to, if any
-        (a transaction whose timer J / H / I ran out is gone)."""
-        key = server_key(request)
+        (a transaction whose timer J / H / I ran out is gone). ``key``: the request's
+        :func:`server_key` when the caller has it already."""
+        if key is None:
+            key = server_key(request)
         tx = self._items.get(key)
         if tx is not None and tx.expires_at is not None and tx.expires_at <= self._clock():
             del self._items[key]
             return None
         return tx
 
-    def create(self, request: Request, reliable: bool) -> ServerTransaction | None:
+    def create(self, request: Request, reliable: bool,
+               key: tuple[str, ...] | None = None) -> ServerTransaction | None:
         """Start a transaction; None when the table is full (caller answers 503)."""
-        if self._clock() - self._last_expire >= self.expire_interval:
+        now = self._clock()
+        if now - self._last_expire >= self.expire_interval:
             self.expire()
         if len(self._items) >= self.max_size:
             self.expire()
             if len(self._items) >= self.max_size:
                 return None
-        tx = ServerTransaction(server_key(request), request.method, reliable, self._clock())
+        tx = ServerTransaction(server_key(request) if key is None else key, request.method,
+                               reliable, now, on_expiry=self._schedule)
         self._items[tx.key] = tx
         return tx
 
     def discard(self, tx: ServerTransaction) -> None:
-        self._items.pop(tx.key, None)
+        if self._items.get(tx.key) is tx:
+            del self._items[tx.key]
 
     def expire(self) -> int:
         """Forget finished transactions whose timer ran out; returns how many."""
         now = self._clock()
         self._last_expire = now
-        dead = [k for k, tx in self._items.items()
-                if tx.expires_at is not None and tx.expires_at <= now]
-        for key in dead:
-            del self._items[key]
-        # Transactions the TU never answered are dropped after timer-B-like 64*T1.
-        stale = [k for k, tx in self._items.items()
-                 if tx.expires_at is None and tx.created + 64 * T1 * 4 <= now]
+        removed = 0
+        timers = self._timers
+        items = self._items
+        while timers and timers[0][0] <= now:
+            _, _, tx = heapq.heappop(timers)
+            if (tx.expires_at is not None and tx.expires_at <= now
+                    and items.get(tx.key) is tx):
+                del items[tx.key]
+                removed += 1
+        # Unanswered ones, oldest first (the dict keeps creation order).
+        horizon = now - UNANSWERED_LIFETIME
+        stale = []
+        for key, tx in items.items():
+            if tx.created > horizon:
+                break
+            if tx.expires_at is None:
+                stale.append(key)
         for key in stale:
-            del self._items[key]
-        return len(dead) + len(stale)
+            del items[key]
+        return removed + len(stale)
