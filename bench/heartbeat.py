@@ -8,10 +8,14 @@ three phases of ``--duration`` seconds each:
 
   (a) baseline: SIPp REGISTER -> 401 -> REGISTER with digest -> 200 at ``--rate``/s
       (bench/sipp/register_auth.xml, helpers of bench/register.py);
-  (b) heartbeats alone: ``--procs`` separate Python processes, each an aiohttp client
-      pool of ``--conns`` keep-alive connections, PATCH random trunks as fast as they
-      can; every answer must be 204; latency p50/p99;
-  (c) both at once.
+  (b) heartbeats alone: ``wrk`` (``--client wrk``, the default when it is on PATH;
+      ``--threads`` threads, ``--conns`` keep-alive connections) or ``--procs`` Python
+      processes each running an aiohttp pool of ``--conns`` connections
+      (``--client aiohttp``) PATCH random trunks as fast as they can; every answer must
+      be 204; latency p50/p99;
+  (c) both at once: the heartbeat load runs for as long as SIPp does (it is stopped
+      when SIPp ends), so the REGISTER rate of (c) is measured under heartbeat load
+      throughout.
 
 It prints registrations/s, heartbeats/s, the REGISTER drop of (c) vs (a), the CPU of
 siphon / SIPp / the heartbeat clients / the rest of the machine, and how many events the
@@ -19,8 +23,13 @@ log grew by (``GET /admin/stats`` log_position before/after each phase) to show 
 heartbeat thinning (one ``trunk.heartbeat`` per trunk per ``lease_secs / 3`` at most).
 Before (b) and (c) all trunks are PUT again so their leases are fresh.
 
+It also prints the siphon event-loop CPU per registration (a) and per heartbeat (b), in
+microseconds (main-thread CPU from /proc), which is what decides whether one loop can
+serve both loads.
+
 Example:  python bench/heartbeat.py
-          python bench/heartbeat.py --rate 600 --duration 10 --procs 2 --conns 32
+          python bench/heartbeat.py --rate 600 --duration 10 --conns 32
+          python bench/heartbeat.py --client aiohttp --procs 2 --conns 32
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,10 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SIPp REGISTERs/s offered in (a) and (c) (default 600)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per phase (default 10)")
     p.add_argument("--trunks", type=int, default=200, help="trunks to PUT (default 200)")
+    p.add_argument("--client", choices=("wrk", "aiohttp"),
+                   help="heartbeat load tool (default: wrk when on PATH, else aiohttp)")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument("--procs", type=int, default=2,
-                   help="heartbeat client processes (default 2)")
+                   help="aiohttp client processes (default 2)")
     p.add_argument("--conns", type=int, default=32,
-                   help="keep-alive connections per client process (default 32)")
+                   help="keep-alive connections (wrk: in all; aiohttp: per process; "
+                        "default 32)")
+    p.add_argument("--token", help="trunks.token: every request carries "
+                   "'Authorization: Bearer TOKEN' (default: no token)")
     p.add_argument("--lease-secs", type=int, default=9,
                    help="trunks.lease_secs (default 9: a heartbeat event per trunk at most "
                         "every 3 s, so the thinning shows within a phase)")
@@ -79,20 +95,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------- client process
 
 
-async def _client(base: str, trunks: int, conns: int, duration: float) -> dict:
+async def _client(base: str, trunks: int, conns: int, duration: float,
+                  token: str | None = None) -> dict:
     import aiohttp
 
     lat: list[float] = []
     statuses: dict[int, int] = {}
     errors = 0
     connector = aiohttp.TCPConnector(limit=conns, force_close=False)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         stop = time.monotonic() + duration
 
         async def worker(seed: int) -> None:
             nonlocal errors
             rnd = random.Random(seed)
-            while time.monotonic() < stop:
+            while time.monotonic() < stop and not _STOP:
                 url = f"{base}/trunks/trunk-{rnd.randrange(trunks):05d}"
                 t0 = time.perf_counter()
                 try:
@@ -111,28 +129,50 @@ async def _client(base: str, trunks: int, conns: int, duration: float) -> dict:
             "errors": errors, "wall": wall}
 
 
+_STOP: list[int] = []  # SIGINT ends the run early (phase (c): when SIPp is done)
+
+
 def client_main(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGINT, lambda *_: _STOP.append(1))
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    out = asyncio.run(_client(args._client, args.trunks, args.conns, args.duration))
+    out = asyncio.run(_client(args._client, args.trunks, args.conns, args.duration,
+                              args.token))
     json.dump(out, sys.stdout)
     return 0
 
 
-class HeartbeatLoad:
-    """``--procs`` client processes started together; results and CPU after ``wait()``."""
+def _summary(statuses: dict[str, int], errors: int, wall: float, requests: int,
+             p50: float, p99: float, cpu: float) -> dict:
+    ok = statuses.get("204", 0)
+    return {"requests": requests, "ok": ok, "statuses": statuses, "errors": errors,
+            "wall": wall, "per_s": ok / wall if wall else 0.0, "p50": p50, "p99": p99,
+            "cpu": cpu}
 
-    def __init__(self, args: argparse.Namespace, base: str, workdir: Path, tag: str) -> None:
+
+class AiohttpLoad:
+    """``--procs`` Python client processes (aiohttp pools) started together; results and
+    CPU after ``wait()``; ``stop()`` ends them early."""
+
+    def __init__(self, args: argparse.Namespace, base: str, workdir: Path, tag: str,
+                 duration: float) -> None:
         self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
         for i in range(args.procs):
             out = workdir / f"hb_{tag}_{i}.json"
             cmd = [sys.executable, __file__, "--_client", base, "--trunks", str(args.trunks),
-                   "--conns", str(args.conns), "--duration", str(args.duration)]
+                   "--conns", str(args.conns), "--duration", str(duration)]
+            if args.token:
+                cmd += ["--token", args.token]
             with open(out, "wb") as f:
                 self.procs.append((subprocess.Popen(cmd, stdout=f, env=U.siphon_env()), out))
+
+    def stop(self) -> None:
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
 
     def wait(self) -> dict:
         lat: list[float] = []
@@ -154,19 +194,85 @@ class HeartbeatLoad:
         def pct(q: float) -> float:
             return 1000 * lat[min(n - 1, int(q * n))] if n else float("nan")
 
-        ok = statuses.get("204", 0)
-        return {"requests": n, "ok": ok, "statuses": statuses, "errors": errors,
-                "wall": wall, "per_s": ok / wall if wall else 0.0, "p50": pct(0.50),
-                "p99": pct(0.99), "cpu": cpu}
+        return _summary(statuses, errors, wall, n, pct(0.50), pct(0.99), cpu)
+
+
+WRK_SCRIPT = """\
+-- PATCH a random trunk per request; count answers by status (thread-local, summed in done)
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {} end
+request = function()
+  return wrk.format("PATCH", string.format("/trunks/trunk-%05d", math.random(0, TRUNKS - 1)))
+end
+response = function(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+end
+function done(summary, latency, requests)
+  local total, parts = {}, {}
+  for _, t in ipairs(threads) do
+    for code, n in pairs(t:get("statuses")) do total[code] = (total[code] or 0) + n end
+  end
+  for code, n in pairs(total) do parts[#parts + 1] = string.format('"%d": %d', code, n) end
+  local e = summary.errors
+  io.write(string.format(
+    '@@{"requests": %d, "duration_us": %d, "errors": %d, "p50_us": %d, "p99_us": %d, ' ..
+    '"statuses": {%s}}\\n', summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, latency:percentile(50),
+    latency:percentile(99), table.concat(parts, ", ")))
+end
+"""
+
+
+class WrkLoad:
+    """One ``wrk`` process (``--threads`` threads, ``--conns`` keep-alive connections)
+    PATCHing random trunks flat out; ``stop()`` (SIGINT) ends it early with its report."""
+
+    def __init__(self, args: argparse.Namespace, base: str, workdir: Path, tag: str,
+                 duration: float) -> None:
+        script = workdir / "heartbeat.lua"
+        script.write_text(f"TRUNKS = {args.trunks}\n" + WRK_SCRIPT)
+        self.out = workdir / f"wrk_{tag}.out"
+        cmd = ["wrk", f"-t{args.threads}", f"-c{max(args.conns, args.threads)}",
+               f"-d{max(1, round(duration))}s", "--timeout", "10s", "-s", str(script), base]
+        if args.token:
+            cmd[1:1] = ["-H", f"Authorization: Bearer {args.token}"]
+        with open(self.out, "wb") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+
+    def wait(self) -> dict:
+        _, status, usage = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        text = self.out.read_text(errors="replace")
+        line = next((ln[2:] for ln in text.splitlines() if ln.startswith("@@")), None)
+        if line is None:
+            raise RuntimeError(f"wrk printed no report:\n{text}")
+        data = json.loads(line)
+        return _summary(data["statuses"], data["errors"], data["duration_us"] / 1e6,
+                        data["requests"], data["p50_us"] / 1000, data["p99_us"] / 1000,
+                        usage.ru_utime + usage.ru_stime)
+
+
+def heartbeat_load(args: argparse.Namespace, base: str, workdir: Path, tag: str,
+                   duration: float) -> AiohttpLoad | WrkLoad:
+    cls = WrkLoad if args.client == "wrk" else AiohttpLoad
+    return cls(args, base, workdir, tag, duration)
 
 
 # ---------------------------------------------------------------------------- helpers
 
 
-def http(method: str, url: str, body: dict | None = None) -> tuple[int, bytes]:
+def http(method: str, url: str, body: dict | None = None,
+         token: str | None = None) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, resp.read()
@@ -179,11 +285,11 @@ def log_position(admin_port: int) -> int:
     return sum(json.loads(body)["log_position"].values())
 
 
-def put_trunks(base: str, n: int) -> dict[int, int]:
+def put_trunks(base: str, n: int, token: str | None = None) -> dict[int, int]:
     codes: dict[int, int] = {}
     for i in range(n):
         code, _ = http("PUT", f"{base}/trunks/trunk-{i:05d}",
-                       {"sip_uri": f"sip:gw{i}.example.net", "transport": "udp"})
+                       {"sip_uri": f"sip:gw{i}.example.net", "transport": "udp"}, token)
         codes[code] = codes.get(code, 0) + 1
     return codes
 
@@ -220,10 +326,14 @@ def cpu_line(m: dict, sipp_cpu: float = 0.0, hb_cpu: float = 0.0) -> str:
 
 
 def sipp_phase(args: argparse.Namespace, workdir: Path, users_csv: Path, node: U.Siphon,
-               hb: HeartbeatLoad | None = None) -> tuple[R.Step, dict, dict | None]:
+               hb: AiohttpLoad | WrkLoad | None = None) -> tuple[R.Step, dict, dict | None]:
     calls = max(1, round(args.rate * args.duration))
     meter = Meter(node.pid)
-    rc, st, wall, sipp_cpu = R.run_sipp(args.rate, calls, args, workdir, users_csv)
+    try:
+        rc, st, wall, sipp_cpu = R.run_sipp(args.rate, calls, args, workdir, users_csv)
+    finally:
+        if hb is not None:  # the heartbeat load ran for as long as SIPp: stop it now
+            hb.stop()
     hbres = hb.wait() if hb is not None else None
     m = meter.done()
     step = R.make_step(args.rate, calls, rc, st, wall, sipp_cpu, m["loop"] + m["threads"],
@@ -250,12 +360,24 @@ def print_hb(h: dict) -> None:
 # ---------------------------------------------------------------------------- main
 
 
+def client_desc(args: argparse.Namespace) -> str:
+    auth = ", with a bearer token" if args.token else ""
+    if args.client == "wrk":
+        return f"wrk, {args.threads} thread(s) x {args.conns} keep-alive conns in all{auth}"
+    return f"aiohttp pools, {args.procs} procs x {args.conns} keep-alive conns{auth}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args._client:
         return client_main(args)
     if shutil.which("sipp") is None:
         print("heartbeat.py: sipp is not on PATH", file=sys.stderr)
+        return 2
+    if args.client is None:
+        args.client = "wrk" if shutil.which("wrk") else "aiohttp"
+    elif args.client == "wrk" and shutil.which("wrk") is None:
+        print("heartbeat.py: wrk is not on PATH (apt-get install wrk)", file=sys.stderr)
         return 2
     args.port, args.sipp_port = U.free_port(2), U.free_port(2)
     http_port, admin_port = U.free_port(1), U.free_port(1)
@@ -271,19 +393,21 @@ def main(argv: list[str] | None = None) -> int:
     with open(config, "a") as f:
         f.write(f'http:\n  listen: "127.0.0.1:{http_port}"\n'
                 f"trunks:\n  enabled: true\n  heartbeat_seconds: {max(1, args.lease_secs // 3)}\n"
-                f"  lease_secs: {args.lease_secs}\n")
+                f"  lease_secs: {args.lease_secs}\n"
+                + (f"  token: {json.dumps(args.token)}\n" if args.token else ""))
     base = f"http://127.0.0.1:{http_port}"
 
     print("siphon trunk heartbeat benchmark (built-in registry, embedded log) + SIPp REGISTER")
-    print(f"  workdir {workdir}  [{U.disk_of(workdir)}]   cores {os.cpu_count()}")
+    print(f"  workdir {workdir}  [{U.disk_of(workdir)}]   cores {os.cpu_count()}, "
+          f"load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"  REGISTER rate {args.rate}/s, {args.duration:.0f} s per phase; {args.trunks} trunks, "
           f"lease {args.lease_secs} s (event at most every {args.lease_secs / 3:.1f} s/trunk); "
-          f"heartbeat clients {args.procs} procs x {args.conns} keep-alive conns (aiohttp)")
+          f"heartbeat clients: {client_desc(args)}")
     node = U.Siphon(config, workdir, admin_port)
     node.start()
     print(f"  siphon pid {node.pid} ready in {node.ready_after:.2f}s")
     try:
-        codes = put_trunks(base, args.trunks)
+        codes = put_trunks(base, args.trunks, args.token)
         print(f"  PUT {args.trunks} trunks: {codes}")
         if set(codes) - {200, 201}:
             print("  unexpected PUT status; siphon log:\n" + node.log_tail())
@@ -300,10 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.settle)
 
         print("\n(b) heartbeats alone")
-        put_trunks(base, args.trunks)
+        put_trunks(base, args.trunks, args.token)
         pos0 = log_position(admin_port)
         mb = Meter(node.pid)
-        b = HeartbeatLoad(args, base, workdir, "b").wait()
+        b = heartbeat_load(args, base, workdir, "b", args.duration).wait()
         mb = mb.done()
         pos_b = log_position(admin_port) - pos0
         print_hb(b)
@@ -315,9 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.settle)
 
         print("\n(c) SIPp REGISTER + heartbeats at once")
-        put_trunks(base, args.trunks)
+        put_trunks(base, args.trunks, args.token)
         pos0 = log_position(admin_port)
-        hb = HeartbeatLoad(args, base, workdir, "c")
+        hb = heartbeat_load(args, base, workdir, "c", 20 * args.duration + 60)
         c, mc, ch = sipp_phase(args, workdir, users_csv, node, hb)
         assert ch is not None
         pos_c = log_position(admin_port) - pos0
@@ -349,6 +473,15 @@ def main(argv: list[str] | None = None) -> int:
           f"(b) -> {args.rate}/s + {TARGET_HB:,.0f} heartbeats/s need ~{need:.0f}% of one core "
           f"for the loop; it got {pct(mc['loop'], mc['window'])} in (c) while the rest of the "
           f"machine used {pct(max(0.0, mc['busy'] - mc['loop'] - mc['threads']), mc['window'])}")
+    room = max(0.0, 1e6 - args.rate * us_reg) / us_hb if us_hb else float("nan")
+    est_c = 1e6 * mc["loop"] / mc["window"]
+    used_c = c.achieved * us_reg + ch["per_s"] * us_hb
+    print(f"  a whole core for the loop would leave room for ~{room:,.0f} heartbeats/s beside "
+          f"{args.rate} REGISTER/s; in (c) the loop ran {est_c / 1e4:.0f}% of a core and "
+          f"{c.achieved:.0f} REGISTER/s x {us_reg:.0f} us + {ch['per_s']:.0f} heartbeats/s x "
+          f"{us_hb:.0f} us account for {used_c / 1e4:.0f}%")
+    print(f"  load average at the end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          f"(1 / 5 / 15 min; load of other jobs on this machine skews wall-clock rates)")
     if args.keep or args.workdir:
         print(f"  files kept in {workdir}")
     else:

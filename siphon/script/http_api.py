@@ -41,19 +41,84 @@ class Response:
 
 
 class HttpRequest:
-    """What a route handler receives."""
+    """What a route handler receives: ``method``, ``path`` (the URL path without the query
+    string, as received), ``path_params``, ``query_params``, ``headers`` (lower-case names;
+    repeated headers joined with ", "), ``client`` ("ip:port"), ``body()``, ``json()``,
+    ``header(name)``.
+
+    The server builds requests lazily: ``headers``, ``query_params`` and ``client`` are
+    only worked out when a handler reads them, so a route that looks at none of them (a
+    trunk heartbeat) costs a few attribute stores.
+    """
 
     def __init__(self, method: str, path: str, query: str, headers: dict[str, str],
                  body: bytes, path_params: dict[str, str], client: str = "") -> None:
         self.method = method
         self.path = path
-        """URL path without the query string, as received."""
         self.path_params = path_params
-        self.query_params: dict[str, str] = dict(parse_qsl(query, keep_blank_values=True))
-        self.headers = headers
-        """Lower-case names; repeated headers joined with ", "."""
+        self._query = query
+        self._query_params: dict[str, str] | None = None
+        self._headers: dict[str, str] | None = headers
+        self._wire_headers: Any = None
         self._body = body
-        self.client = client
+        self._client: str | None = client
+        self._transport: Any = None
+
+    @classmethod
+    def from_wire(cls, method: str, path: str, query: str, headers: Any, body: bytes,
+                  path_params: dict[str, str], transport: Any = None) -> HttpRequest:
+        """A request over a server's case-insensitive multi-dict of headers (aiohttp's
+        ``CIMultiDictProxy``: ``getall``, ``items``) and its transport (for ``client``);
+        nothing is copied or parsed until asked for."""
+        req = cls.__new__(cls)
+        req.method = method
+        req.path = path
+        req.path_params = path_params
+        req._query = query
+        req._query_params = None
+        req._headers = None
+        req._wire_headers = headers
+        req._body = body
+        req._client = None
+        req._transport = transport
+        return req
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Lower-case names; repeated headers joined with ", "."""
+        if self._headers is None:
+            joined: dict[str, str] = {}
+            for name, value in (self._wire_headers or {}).items():
+                key = name.lower()
+                joined[key] = f"{joined[key]}, {value}" if key in joined else value
+            self._headers = joined
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: dict[str, str]) -> None:
+        self._headers = value
+
+    @property
+    def query_params(self) -> dict[str, str]:
+        if self._query_params is None:
+            self._query_params = dict(parse_qsl(self._query, keep_blank_values=True))
+        return self._query_params
+
+    @query_params.setter
+    def query_params(self, value: dict[str, str]) -> None:
+        self._query_params = value
+
+    @property
+    def client(self) -> str:
+        """The peer as "ip:port" ("" when unknown)."""
+        if self._client is None:
+            peer = self._transport.get_extra_info("peername") if self._transport else None
+            self._client = f"{peer[0]}:{peer[1]}" if peer else ""
+        return self._client
+
+    @client.setter
+    def client(self, value: str) -> None:
+        self._client = value
 
     def body(self) -> bytes:
         """The whole request body (b"" when empty)."""
@@ -64,7 +129,13 @@ class HttpRequest:
         return json.loads(self._body or b"null")
 
     def header(self, name: str) -> str | None:
-        return self.headers.get(name.lower())
+        """One header by name (any case); repeated headers joined with ", "."""
+        if self._headers is not None:
+            return self._headers.get(name.lower())
+        values = self._wire_headers.getall(name, None) if self._wire_headers else None
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else ", ".join(values)
 
 
 _PARAM = re.compile(r"\{(\*?)([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -83,7 +154,11 @@ class Route:
         m = self.regex.fullmatch(path)
         if m is None:
             return None
-        return {k: unquote_plus(v) for k, v in m.groupdict().items()}
+        params = m.groupdict()
+        for k, v in params.items():
+            if "%" in v or "+" in v:
+                params[k] = unquote_plus(v)
+        return params
 
 
 def compile_route(path: str) -> re.Pattern[str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import subprocess
 import time
 import urllib.error
@@ -172,3 +174,105 @@ def test_sip_script_routes_a_call_to_a_live_trunk(siphon: SiphonProcess) -> None
     assert proc.returncode == 0, proc.stdout.decode()[-2000:]
     out, _ = uas.communicate(timeout=30)
     assert uas.returncode == 0, out.decode()[-2000:]
+
+
+ROUTES_SCRIPT = """
+import asyncio, json
+from siphon import http
+
+@http.middleware
+def gate(req):
+    if req.header("X-Block"):
+        return http.Response(status=403, headers={"Content-Type": "application/json"},
+                             body=b'{"status": 403, "error": "blocked"}')
+    req.tagged = "by-middleware"
+
+@http.route("/echo/{name}", methods=["GET", "POST"])
+def echo(req):
+    return http.Response(status=200, headers={"Content-Type": "application/json"},
+                         body=json.dumps({
+                             "method": req.method, "path": req.path,
+                             "name": req.path_params["name"], "query": req.query_params,
+                             "multi": req.header("x-multi"),
+                             "multi_dict": req.headers.get("x-multi"),
+                             "client": req.client, "length": len(req.body()),
+                             "tagged": req.tagged}))
+
+@http.route("/boom", methods=["GET"])
+async def boom(req):
+    await asyncio.sleep(0)
+    raise RuntimeError("kaboom-marker")
+"""
+
+
+def raw_exchange(port: int, head: bytes, body: bytes = b"", *, wait_continue: bool = False
+                 ) -> tuple[bytes, bytes]:
+    """Send ``head`` (and ``body``, after a ``100 Continue`` when asked); return (what came
+    before the body was sent, the final answer's bytes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head)
+        interim = b""
+        if wait_continue:
+            while b"\r\n\r\n" not in interim:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                interim += chunk
+            if not interim.startswith(b"HTTP/1.1 100"):
+                return interim, b""
+        sock.sendall(body)
+        answer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return interim, answer
+
+
+@pytest.mark.timeout(60)
+def test_script_routes_middleware_errors_and_body_limits(siphon: SiphonProcess) -> None:
+    port = free_port()
+    siphon.start({"http": {"listen": f"127.0.0.1:{port}", "max_body_bytes": 1024}},
+                 script_text=ROUTES_SCRIPT)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.putrequest("GET", "/echo/a%20b?x=1&y=&z=a+b")
+    conn.putheader("X-Multi", "one")
+    conn.putheader("X-Multi", "two")
+    conn.endheaders()
+    resp = conn.getresponse()
+    got = json.loads(resp.read())
+    assert resp.status == 200, got
+    assert got["method"] == "GET" and got["path"] == "/echo/a%20b" and got["name"] == "a b"
+    assert got["query"] == {"x": "1", "y": "", "z": "a b"}
+    assert got["multi"] == got["multi_dict"] == "one, two"
+    assert got["client"].startswith("127.0.0.1:") and got["tagged"] == "by-middleware"
+    # a chunked body in several pieces is read whole; a chunked body over the limit is 413
+    conn.request("POST", "/echo/n", body=iter([b"x" * 300] * 3), encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["length"] == 900
+    conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("POST", "/echo/n", body=iter([b"x" * 600] * 3), encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 413 and "larger than 1024" in json.loads(resp.read())["error"]
+    conn.close()
+    # Expect: 100-continue gets its 100 before the body; an oversize one gets 413 instead
+    head = (b"POST /echo/n HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+    interim, answer = raw_exchange(port, head, b"y" * 500, wait_continue=True)
+    assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+    assert answer.startswith(b"HTTP/1.1 200") and b'"length": 500' in answer, answer
+    interim, _ = raw_exchange(port, head.replace(b"500", b"5000"), wait_continue=True)
+    assert interim.startswith(b"HTTP/1.1 413"), interim
+    # middleware short-circuit, 405 with Allow, 404, 500 with the traceback logged
+    status, _, body = call(port, "GET", "/echo/x", None, {"X-Block": "1"})
+    assert status == 403 and json.loads(body)["error"] == "blocked"
+    status, headers, body = call(port, "DELETE", "/echo/x")
+    assert status == 405 and headers["Allow"] == "GET, POST" and "error" in json.loads(body)
+    status, _, body = call(port, "GET", "/nothing")
+    assert status == 404 and "error" in json.loads(body)
+    status, _, body = call(port, "GET", "/boom")
+    assert status == 500 and "error" in json.loads(body)
+    out = siphon.wait_output("kaboom-marker")
+    assert "Traceback" in out and "HTTP handler boom failed on GET /boom" in out
