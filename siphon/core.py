@@ -372,7 +372,7 @@ class SipCore:
             await asyncio.wait(list(self._tasks), timeout=timeout)
 
 
-_date_cache: tuple[int, str] = (0, "")
+_date_cache: tuple[int, str] = (-1, "")
 
 
 def _http_date(now: float) -> str:

@@ -66,6 +66,10 @@ def _lname(name: str) -> str:
     return lname
 
 
+_NAME_ADDR_VIEWS = {n: "na:" + n for n in ("contact", "route", "record-route", "path")}
+"""Keys of :meth:`Message.name_addrs` views in ``Headers.views`` (precomputed)."""
+
+
 class Headers:
     """Ordered, case-insensitive multi-map of header fields.
 
@@ -101,7 +105,10 @@ class Headers:
         return h
 
     def _touch(self, lname: str) -> None:
-        self.views.pop(lname, None)
+        views = self.views
+        if views:
+            views.pop(lname, None)
+            views.pop(_NAME_ADDR_VIEWS.get(lname) or "na:" + lname, None)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._items)
@@ -289,10 +296,11 @@ class Message:
         """Parsed values of a name-addr list header (Contact accepts ``*``)."""
         headers = self.headers
         lname = _LOWER_CACHE.get(name) or _lname(name)
-        value = headers.views.get(lname)
+        key = _NAME_ADDR_VIEWS.get(lname) or "na:" + lname  # not .to/.from_'s views
+        value = headers.views.get(key)
         if value is None:
             wildcard = lname == "contact"
-            value = headers.views[lname] = [
+            value = headers.views[key] = [
                 parse_name_addr(v, allow_wildcard=wildcard) for v in headers.get_list(name)]
         return value  # type: ignore[no-any-return]
 

@@ -134,7 +134,8 @@ class ServerTransactionTable:
                  expire_interval: float = 1.0) -> None:
         self._clock = clock
         self._items: dict[tuple[str, ...], ServerTransaction] = {}
-        self._timers: list[tuple[float, int, ServerTransaction]] = []
+        self._timers: list[tuple[float, int, tuple[str, ...]]] = []
+        self._last_created = float("-inf")
         self._seq = itertools.count()
         self.max_size = max_size
         self.expire_interval = expire_interval
@@ -144,8 +145,10 @@ class ServerTransactionTable:
         return len(self._items)
 
     def _schedule(self, tx: ServerTransaction) -> None:
+        # The heap holds keys, not transactions: a transaction that left the table
+        # (or whose timer moved) is not kept alive by a stale heap entry.
         assert tx.expires_at is not None
-        heapq.heappush(self._timers, (tx.expires_at, next(self._seq), tx))
+        heapq.heappush(self._timers, (tx.expires_at, next(self._seq), tx.key))
 
     def match(self, request: Request,
               key: tuple[str, ...] | None = None) -> ServerTransaction | None:
@@ -163,7 +166,9 @@ class ServerTransactionTable:
     def create(self, request: Request, reliable: bool,
                key: tuple[str, ...] | None = None) -> ServerTransaction | None:
         """Start a transaction; None when the table is full (caller answers 503)."""
-        now = self._clock()
+        # Creation times never decrease, so the table (a dict) is in creation order
+        # even if an injected clock steps back; expire() relies on it.
+        now = self._last_created = max(self._clock(), self._last_created)
         if now - self._last_expire >= self.expire_interval:
             self.expire()
         if len(self._items) >= self.max_size:
@@ -187,10 +192,10 @@ class ServerTransactionTable:
         timers = self._timers
         items = self._items
         while timers and timers[0][0] <= now:
-            _, _, tx = heapq.heappop(timers)
-            if (tx.expires_at is not None and tx.expires_at <= now
-                    and items.get(tx.key) is tx):
-                del items[tx.key]
+            key = heapq.heappop(timers)[2]
+            tx = items.get(key)
+            if tx is not None and tx.expires_at is not None and tx.expires_at <= now:
+                del items[key]
                 removed += 1
         # Unanswered ones, oldest first (the dict keeps creation order).
         horizon = now - UNANSWERED_LIFETIME

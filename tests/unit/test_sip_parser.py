@@ -109,3 +109,18 @@ def test_multipart_body_with_nul_and_bare_cr_is_kept_exactly() -> None:
     msg = parse_message(data)
     clen = int(msg.headers.get("Content-Length") or 0)
     assert len(msg.body) == clen and b"\x00" in msg.body
+
+
+def test_parsed_views_follow_header_changes() -> None:
+    msg = parse_message(REGISTER)
+    assert isinstance(msg, Request)
+    assert msg.name_addrs("To")[0].uri.user == "alice"  # a list view of To...
+    assert msg.to.uri.user == "alice"  # ...does not replace the To view
+    assert msg.top_via is not None and msg.top_via.param("rport") == ""
+    msg.headers.replace_first_value("Via", "SIP/2.0/UDP 10.0.0.9:5070;branch=z9hG4bK-x;rport=1")
+    assert msg.top_via is not None and msg.top_via.host == "10.0.0.9"
+    assert msg.top_via.param("rport") == "1"
+    assert msg.to.uri.user == "alice"
+    msg.headers.set("t", "<sip:bob@example.com>")  # compact form of To
+    assert msg.to.uri.user == "bob"
+    assert msg.name_addrs("To")[0].uri.user == "bob"

@@ -79,3 +79,38 @@ def test_table_is_bounded() -> None:
     assert table.create(_req("z9hG4bK-1"), False) is not None
     assert table.create(_req("z9hG4bK-2"), False) is not None
     assert table.create(_req("z9hG4bK-3"), False) is None
+
+
+def test_finished_transactions_are_released_when_they_leave_the_table() -> None:
+    import gc
+    import weakref
+
+    class Probe:  # lives exactly as long as the transaction holding it
+        pass
+
+    clock = Clock()
+    table = ServerTransactionTable(clock)
+    tx = table.create(_req(method="INVITE"), reliable=True)
+    assert tx is not None
+    probe = Probe()
+    tx.data["probe"] = probe
+    tx.on_response(486, b"486", clock.now)  # timer H scheduled 32 s ahead
+    tx.on_ack(clock.now)  # timer I: 0 s over TCP
+    clock.now += 0.1
+    table.expire()
+    assert len(table) == 0
+    ref = weakref.ref(probe)
+    del tx, probe
+    gc.collect()
+    assert ref() is None  # the stale timer-H heap entry does not keep it alive
+
+
+def test_unanswered_sweep_survives_a_clock_stepping_back() -> None:
+    clock = Clock()
+    table = ServerTransactionTable(clock)
+    assert table.create(_req("z9hG4bK-a"), reliable=False) is not None
+    clock.now -= 200  # the injected clock steps back
+    assert table.create(_req("z9hG4bK-b"), reliable=False) is not None
+    clock.now += 200 + 64 * T1 * 4 + 1
+    table.expire()
+    assert len(table) == 0  # both unanswered transactions are gone
