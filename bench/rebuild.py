@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -226,13 +227,25 @@ async def child_rebuild(path: Path, nogc: bool = False) -> dict[str, float]:
     gc.callbacks.append(on_gc)
     if nogc:
         gc.disable()
+    import resource
+
+    def children_cpu() -> float:
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+
+    cpu0, kids0, main0 = time.process_time(), children_cpu(), time.thread_time()
     count = await runner.rebuild()
     t3 = time.perf_counter()
+    cpu = time.process_time() - cpu0
+    main_cpu = time.thread_time() - main0
+    kids = children_cpu() - kids0
     gc.callbacks.remove(on_gc)
     await log.close()
     return {"import_s": t1 - t0, "open_s": t2 - t1, "rebuild_s": t3 - t2, "events": count,
             "aors": len(runner.state.aors), "bindings": runner.state.binding_count(),
-            "rss": U.rss(), "gc_s": gc_time[0], "gc_runs": gc_time[1]}
+            "rss": U.rss(), "gc_s": gc_time[0], "gc_runs": gc_time[1], "cpu_s": cpu,
+            "main_cpu_s": main_cpu, "reader_cpu_s": kids,
+            "load": os.getloadavg()[0]}
 
 
 def child_breakdown(path: Path, whatif: bool = False) -> dict[str, float]:
@@ -444,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             print(f"  run {i + 1}: open {r['open_s']:.2f}s, rebuild {r['events']:,} events in "
                   f"{r['rebuild_s']:.2f}s = {r['events'] / r['rebuild_s']:,.0f} events/s "
+                  f"(CPU us/event: {r['main_cpu_s'] / max(1, r['events']) * 1e6:.2f} event "
+                  f"loop, {r['cpu_s'] / max(1, r['events']) * 1e6:.2f} process, "
+                  f"{r['reader_cpu_s'] / max(1, r['events']) * 1e6:.2f} reader child; "
+                  f"load {r['load']:.2f}) "
                   f"(GC {r['gc_s']:.2f}s in {r['gc_runs']} runs) "
                   f"-> {r['aors']:,} AoRs, {r['bindings']:,} bindings, "
                   f"RSS {U.fmt_bytes(r['rss'])}", flush=True)

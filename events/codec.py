@@ -105,3 +105,85 @@ def reset_upcasters() -> None:
     if _extra_types:
         _extra_types.clear()
         _rebuild()
+
+
+# ---------------------------------------------------------------- slim (rebuild) decoding
+#
+# A rebuild only needs, of each binding event, its AoR, the binding key and expiry:
+# which record's binding survives is decided on those, and only the survivors' full
+# payloads are decoded at the end (``projections.registrar.Rebuild``). The slim
+# structs below read the same stored JSON (unknown fields are skipped by msgspec);
+# nothing about the stored format changes.
+
+
+class SlimBinding(msgspec.Struct, gc=False):
+    key: str
+    expires_at: float
+
+
+class _Slim(msgspec.Struct, tag_field="type", gc=False):
+    ts: float
+
+
+class SlimPut(_Slim):
+    aor: str
+    binding: SlimBinding
+
+
+class SlimAdded(SlimPut, tag="binding.added.v1"):
+    pass
+
+
+class SlimRefreshed(SlimPut, tag="binding.refreshed.v1"):
+    pass
+
+
+class SlimRemoved(_Slim, tag="binding.removed.v1"):
+    aor: str
+    key: str
+
+
+class SlimExpired(_Slim, tag="binding.expired.v1"):
+    aor: str
+    key: str
+    expires_at: float
+
+
+class SlimOther(_Slim):
+    """An event of another projection (trunks): decoded in full when met."""
+
+
+def _other(tag: str) -> type:
+    return type(f"SlimOther_{tag.replace('.', '_')}", (SlimOther,), {}, tag=tag)
+
+
+SLIM_OTHER_TYPES: tuple[type, ...] = tuple(
+    _other(tag_of(t)) for t in EVENT_TYPES if tag_of(t) not in {
+        "binding.added.v1", "binding.refreshed.v1", "binding.removed.v1",
+        "binding.expired.v1"})
+_slim_union: Any = functools.reduce(
+    operator.or_, (SlimAdded, SlimRefreshed, SlimRemoved, SlimExpired, *SLIM_OTHER_TYPES))
+_slim_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_slim_union)
+_slim_array_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(list[_slim_union])
+
+
+def slim_usable() -> bool:
+    """Whether slim decoding gives what a full decode would (no upcasters or newer
+    event versions registered: those records need the full decoder)."""
+    return not _upcasters and not _extra_types
+
+
+def decode_slim(data: bytes) -> Any:
+    """The slim view of one stored record; raises :class:`EventDecodeError`."""
+    try:
+        return _slim_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise EventDecodeError(str(exc)) from exc
+
+
+def decode_slim_array(data: bytes) -> list[Any]:
+    """Slim views of a JSON array of stored records (one call)."""
+    try:
+        return _slim_array_decoder.decode(data)  # type: ignore[no-any-return]
+    except msgspec.DecodeError as exc:
+        raise EventDecodeError(str(exc)) from exc

@@ -15,12 +15,16 @@ import contextlib
 import gc
 import os
 import sqlite3
+import struct
+import subprocess
+import sys
 import threading
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from events import _reader
 from events.codec import EventDecodeError, decode, encode
 from events.log import EventLog, LogCorruption, LogError, Position, Record
 from events.schema import EVENT_TYPES, Event, event_key
@@ -56,6 +60,8 @@ _SET_GROUP = 'INSERT OR REPLACE INTO consumer_positions ("group", next_offset) V
 _Row = tuple[float, str, bytes, int]
 """An encoded event waiting to be written: ts, key, payload, crc."""
 _Pending = tuple[list[_Row], Sequence[Event], asyncio.Future[list[tuple[int, int]]]]
+CHILD_READER_MIN = 200_000
+"""``read_payloads`` of at least this many records reads in a child process."""
 TAIL_RECORDS = 50_000
 """Recently committed records kept in memory, so that followers in this process get
 them without reading them back from the file (write-through)."""
@@ -167,17 +173,21 @@ class _Reader:
     def __init__(self, log: EmbeddedLog) -> None:
         self._log = log
         self._conn: sqlite3.Connection | None = None
-        self._busy: asyncio.Future[tuple[list[Record], int]] | None = None
+        self._busy: asyncio.Future[tuple[list[Any], int]] | None = None
 
-    async def fetch(self, start: int, stop: int | None, limit: int) -> tuple[list[Record], int]:
+    async def fetch(self, start: int, stop: int | None, limit: int,
+                    raw: bool = False) -> tuple[list[Any], int]:
         loop = asyncio.get_running_loop()
-        self._busy = loop.run_in_executor(None, self._fetch_sync, start, stop, limit)
+        self._busy = loop.run_in_executor(None, self._fetch_sync, start, stop, limit, raw)
         # shield: if we are cancelled, the thread still finishes before close().
         return await asyncio.shield(self._busy)
 
-    def _fetch_sync(self, start: int, stop: int | None, limit: int) -> tuple[list[Record], int]:
+    def _fetch_sync(self, start: int, stop: int | None, limit: int,
+                    raw: bool) -> tuple[list[Any], int]:
         if self._conn is None:
             self._conn = self._log._connect_reader()
+        if raw:
+            return self._log._fetch_payloads(self._conn, start, stop, limit)
         return self._log._fetch(self._conn, start, stop, limit)
 
     def close(self) -> None:
@@ -188,7 +198,7 @@ class _Reader:
             self._conn.close()
             self._conn = None
 
-    def _close_after(self, busy: asyncio.Future[tuple[list[Record], int]]) -> None:
+    def _close_after(self, busy: asyncio.Future[tuple[list[Any], int]]) -> None:
         if not busy.cancelled():
             busy.exception()  # retrieved: nobody is waiting for it any more
         if self._conn is not None:
@@ -566,6 +576,141 @@ class EmbeddedLog(EventLog):
         finally:
             reader.close()
 
+    async def read_payloads(
+        self,
+        start: Position | None = None,
+        end: Position | None = None,
+        batch_size: int = 20_000,
+    ) -> AsyncIterator[tuple[int, range, list[bytes]]]:
+        """Like :meth:`read`, but yields ``(partition, offsets, payloads)`` with the
+        stored (CRC-checked, not decoded) payloads, for a projection rebuild that
+        decodes only what it needs (``projections.registrar.Rebuild``). The next
+        batch is read while the caller works on the current one."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        pos = self._offset(start, "start") or 0
+        stop = self._offset(end, "end")
+        if stop is None:
+            stop = (await self.end_position())[0]
+        if stop - pos >= CHILD_READER_MIN:
+            async for item in self._payloads_from_child(pos, stop, batch_size):
+                yield item
+            return
+        reader = _Reader(self)
+        pending: asyncio.Future[tuple[list[Any], int]] | None = None
+        try:
+            self._check_open()
+            pending = asyncio.ensure_future(reader.fetch(pos, stop, batch_size, raw=True))
+            while pending is not None:
+                payloads, committed_end = await pending
+                pending = None
+                if stop is None:
+                    stop = committed_end
+                if not payloads:
+                    return
+                first = pos
+                pos += len(payloads)
+                if pos < stop:
+                    self._check_open()
+                    pending = asyncio.ensure_future(
+                        reader.fetch(pos, stop, batch_size, raw=True))
+                yield 0, range(first, pos), payloads
+        finally:
+            if pending is not None:
+                pending.cancel()
+            reader.close()
+
+    async def _payloads_from_child(self, pos: int, stop: int, batch_size: int
+                                   ) -> AsyncIterator[tuple[int, range, list[bytes]]]:
+        """``read_payloads`` of a long range: a child process (``events/_reader.py``)
+        reads and checks the rows on its own core (a reader thread would share this
+        process's GIL); a thread of ours takes its frames off the pipe, a batch ahead."""
+        proc = subprocess.Popen(
+            [sys.executable, "-I", _reader.__file__, str(self.path), str(pos), str(stop),
+             str(batch_size), "payloads"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, bufsize=1 << 20)
+        assert proc.stdout is not None and proc.stderr is not None
+        loop = asyncio.get_running_loop()
+        frames: asyncio.Queue[Any] = asyncio.Queue(maxsize=2)
+        stopping = threading.Event()
+
+        def put(item: Any) -> None:
+            fut = asyncio.run_coroutine_threadsafe(frames.put(item), loop)
+            while not stopping.is_set():
+                try:
+                    fut.result(timeout=0.5)
+                    return
+                except concurrent.futures.TimeoutError:
+                    continue
+            fut.cancel()
+
+        def pump() -> None:
+            out = proc.stdout
+            assert out is not None
+            try:
+                while not stopping.is_set():
+                    kind = out.read(1)
+                    if kind == b"P":
+                        first, count, size = _reader.BATCH.unpack(out.read(_reader.BATCH.size))
+                        lengths = struct.unpack(f"<{count}I", out.read(4 * count))
+                        body = out.read(size)
+                        if len(body) != size:
+                            raise EOFError
+                        pieces: list[bytes] = []
+                        append = pieces.append
+                        at = 0
+                        for n in lengths:
+                            append(body[at:at + n])
+                            at += n
+                        put(("P", first, pieces))
+                    elif kind == b"E":
+                        offset, size = _reader.ERROR.unpack(out.read(_reader.ERROR.size))
+                        put(("E", offset, out.read(size).decode(errors="replace")))
+                    elif kind == b"Z":
+                        put(("Z", 0, None))
+                        return
+                    else:
+                        raise EOFError
+            except (EOFError, struct.error, OSError, ValueError):
+                proc.wait()
+                err = proc.stderr.read().decode(errors="replace").strip()  # type: ignore[union-attr]
+                put(("X", proc.returncode, err or "no output"))
+
+        pumping = loop.run_in_executor(None, pump)
+        try:
+            while True:
+                self._check_open()
+                kind, first, data = await frames.get()
+                if kind == "Z":
+                    break
+                if kind == "E":
+                    self._corrupt(first, data)
+                if kind == "X":
+                    raise LogError(f"{self.path}: cannot read event log (reader exit "
+                                   f"{first}): {data}")
+                if first != pos:
+                    self._corrupt(pos, "record missing (gap in offsets)")
+                pos += len(data)
+                yield 0, range(first, pos), data
+        finally:
+            stopping.set()
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pumping)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(proc.wait)
+            for f in (proc.stdout, proc.stderr):
+                with contextlib.suppress(Exception):
+                    f.close()
+        if pos < stop:
+            self._corrupt(pos, "record missing (log ends early)")
+
+    def bad_record(self, partition: int, offset: int, reason: str) -> NoReturn:
+        """A stored record that does not decode: the log is damaged there."""
+        self._corrupt(offset, reason)
+
     async def follow(
         self, start: Position | None = None, batch_size: int = 10_000
     ) -> AsyncIterator[list[Record]]:
@@ -661,6 +806,30 @@ class EmbeddedLog(EventLog):
                 except Exception:
                     pass  # located precisely below
         return self._check_slowly(conn, start, upto), end
+
+    def _fetch_payloads(
+        self, conn: sqlite3.Connection, start: int, stop: int | None, limit: int
+    ) -> tuple[list[bytes], int]:
+        """As :meth:`_fetch`, but the CRC-checked payloads, not decoded."""
+        try:
+            conn.execute("BEGIN")
+            try:
+                end: int = conn.execute(_NEXT).fetchone()[0]
+                upto = min(end, start + limit if stop is None else min(stop, start + limit))
+                rows = conn.execute(_SELECT, (start, upto)).fetchall() if upto > start else []
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise LogError(f"{self.path}: cannot read event log: {exc}") from exc
+        if upto <= start:
+            return [], end
+        crc32 = zlib.crc32
+        if len(rows) == upto - start and all(
+                type(p) is bytes and crc32(p) == c for p, c in rows):
+            return [p for p, _ in rows], end
+        records = self._check_slowly(conn, start, upto)  # raises naming the damage
+        return [encode(r.event) for r in records], end  # repaired meanwhile (unlikely)
 
     def _check_slowly(self, conn: sqlite3.Connection, start: int, stop: int) -> list[Record]:
         """Record by record, find and raise the first damaged or missing one."""

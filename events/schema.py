@@ -34,9 +34,10 @@ class Binding(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """Stream connection the REGISTER came over (empty for UDP)."""
     instance: str = ""
     reg_id: int = 0
-    path: list[str] = msgspec.field(default_factory=list)
-    params: list[tuple[str, str | None]] = msgspec.field(default_factory=list)
-    """Contact header parameters other than expires and q."""
+    path: tuple[str, ...] = ()
+    params: tuple[tuple[str, str | None], ...] = ()
+    """Contact header parameters other than expires and q. (Stored as JSON arrays;
+    tuples in memory: smaller, and the empty one is shared.)"""
     user_agent: str = ""
     registered_at: float = 0.0
     """When this binding was created or last refreshed, Unix seconds."""

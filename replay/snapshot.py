@@ -120,8 +120,9 @@ def capture(registrar: reg.RegistrarState, trunks: trk.TrunkState, *, identity: 
 
 def to_states(snap: Snapshot) -> tuple[reg.RegistrarState, trk.TrunkState]:
     """Fresh projection states holding the snapshot."""
+    own = reg.compact_decoded  # the snapshot's bindings were just decoded: ours to share
     with _gc_paused():
-        aors = {e.aor: {b.key: b for b in e.bindings} for e in snap.aors if e.bindings}
+        aors = {e.aor: {b.key: own(b) for b in e.bindings} for e in snap.aors if e.bindings}
     state = reg.RegistrarState(aors=aors, position=dict(snap.position))
     tstate = trk.TrunkState({r.trunk_id: trk.TrunkEntry(r.trunk, r.lease_expires_at,
                                                         r.registered_at, r.last_heartbeat)

@@ -18,17 +18,18 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import struct
 import sys
 import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from events import _reader
 from events.codec import EventDecodeError, decode, decode_array
 from events.embedded import APPLICATION_ID, FORMAT_VERSION, _gc_paused
 from events.log import LogCorruption, LogError, Position, Record
 from events.schema import event_key
-from replay import _reader
 from siphon.config import Config
 
 OnProblem = Callable[[int, int, str], None]
@@ -79,6 +80,18 @@ def _decode_run(partition: int, first: int, payloads: list[bytes] | bytes, count
                     raise LogCorruption(partition, off, reason) from None
                 on_problem(partition, off, reason)
         return out
+
+
+def _cut(body: bytes, lengths: tuple[int, ...]) -> list[bytes]:
+    """``body`` cut into consecutive pieces of ``lengths``."""
+    out: list[bytes] = []
+    append = out.append
+    at = 0
+    for n in lengths:
+        end = at + n
+        append(body[at:end])
+        at = end
+    return out
 
 
 def _split(array: bytes, count: int) -> list[bytes]:
@@ -137,6 +150,14 @@ class Source(abc.ABC):
         """Batches of records from ``start`` (missing partitions: their beginning) to
         ``stop`` (partitions missing from it are not read); with ``key``, only that
         AoR's (or ``trunk:<id>``'s) records."""
+
+    def read_payloads(self, start: Position | None, stop: Position, *,
+                      on_problem: OnProblem | None = None
+                      ) -> AsyncIterator[tuple[int, Any, list[bytes]]] | None:
+        """Like :meth:`read`, as ``(partition, offsets, stored payloads)`` not decoded
+        (damaged records are left out, reported as ``read`` does; payloads that do not
+        decode are the caller's to report); None when this source cannot."""
+        return None
 
 
 # ------------------------------------------------------------------------- embedded
@@ -246,6 +267,33 @@ class EmbeddedSource(Source):
         async for batch in reader(lo, hi, on_problem):
             yield batch
 
+    def read_payloads(self, start: Position | None, stop: Position, *,
+                      on_problem: OnProblem | None = None
+                      ) -> AsyncIterator[tuple[int, Any, list[bytes]]] | None:
+        return self._payloads(start, stop, on_problem)
+
+    async def _payloads(self, start: Position | None, stop: Position,
+                        on_problem: OnProblem | None
+                        ) -> AsyncIterator[tuple[int, Any, list[bytes]]]:
+        lo = (start or {}).get(0, 0)
+        hi = stop.get(0, lo)
+        if hi <= lo:
+            return
+        use_child = self.pipeline if self.pipeline is not None else hi - lo >= PIPELINE_MIN
+        if use_child:
+            async for item in self._read_child(lo, hi, on_problem, raw=True):
+                yield item  # type: ignore[misc]
+            return
+        for s in range(lo, hi, self.batch_size):
+            u = min(hi, s + self.batch_size)
+            rows = await asyncio.to_thread(self._query, _reader.SELECT, (s, u))
+            for kind, offset, data in _reader.check_rows(rows, s, u):
+                if kind == "ok":
+                    payloads: list[bytes] = data  # type: ignore[assignment]
+                    yield 0, range(offset, offset + len(payloads)), payloads
+                else:
+                    self._problem(on_problem, offset, str(data))
+
     def _problem(self, on_problem: OnProblem | None, offset: int, reason: str) -> None:
         if on_problem is None:
             raise LogCorruption(0, offset, f"{reason} in {self.path}")
@@ -270,11 +318,13 @@ class EmbeddedSource(Source):
                 self._problem(on_problem, offset, str(data))
         return out
 
-    async def _read_child(self, lo: int, hi: int,
-                          on_problem: OnProblem | None) -> AsyncIterator[list[Record]]:
+    async def _read_child(self, lo: int, hi: int, on_problem: OnProblem | None,
+                          raw: bool = False) -> AsyncIterator[Any]:
+        """Batches of records (or, ``raw``, ``(0, offsets, payloads)``) read by a child."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-I", _reader.__file__, str(self.path), str(lo), str(hi),
-            str(self.batch_size), stdout=asyncio.subprocess.PIPE,
+            str(self.batch_size), *(["payloads"] if raw else []),
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
             limit=1 << 20)
         assert proc.stdout is not None and proc.stderr is not None
@@ -287,9 +337,12 @@ class EmbeddedSource(Source):
                     if kind == b"Z":
                         finished = True
                         return
-                    if kind == b"B":
+                    if kind == b"B" or kind == b"P":
                         first, count, size = _reader.BATCH.unpack(
                             await out.readexactly(_reader.BATCH.size))
+                        if kind == b"P":
+                            lengths = struct.unpack(f"<{count}I",
+                                                    await out.readexactly(4 * count))
                         body = await out.readexactly(size)
                     elif kind == b"E":
                         offset, size = _reader.ERROR.unpack(
@@ -304,6 +357,8 @@ class EmbeddedSource(Source):
                                          f"{proc.returncode}): {err or 'no output'}") from None
                 if kind == b"B":
                     yield _decode_run(0, first, body, count, on_problem)
+                elif kind == b"P":
+                    yield 0, range(first, first + count), _cut(body, lengths)
                 else:
                     self._problem(on_problem, offset, reason)
         finally:
@@ -425,23 +480,54 @@ class KafkaSource(Source):
                         first = rec.event.ts
         return first
 
+    def read_payloads(self, start: Position | None, stop: Position, *,
+                      on_problem: OnProblem | None = None
+                      ) -> AsyncIterator[tuple[int, Any, list[bytes]]] | None:
+        return self._payloads(start, stop, on_problem)
+
+    async def _payloads(self, start: Position | None, stop: Position,
+                        on_problem: OnProblem | None, key: bytes | None = None
+                        ) -> AsyncIterator[tuple[int, Any, list[bytes]]]:
+        start = dict(start or {})
+        if not any(off > start.get(p, 0) for p, off in stop.items()):
+            return
+        self.log.on_problem = on_problem
+        try:
+            async with contextlib.aclosing(
+                    self.log.read_payloads(start, stop, key=key)) as batches:
+                async for item in batches:
+                    yield item
+        except LogCorruption:
+            raise
+        except LogError as exc:
+            raise LogUnavailable(str(exc)) from exc
+        finally:
+            self.log.on_problem = None
+
     async def read(self, start: Position | None, stop: Position, *, key: str | None = None,
                    on_problem: OnProblem | None = None) -> AsyncIterator[list[Record]]:
         start = dict(start or {})
         if key is not None:
+            # one AoR: its partition only, and only the records carrying its Kafka key
+            # are decoded (the bulk reader filters on the key before any decoding)
             p = self.partition_for(key)
             stop = {p: stop[p]} if p in stop else {}
             start = {p: start[p]} if p in start else {}
+            async for partition, offsets, payloads in self._payloads(
+                    start, stop, on_problem, key=key.encode()):
+                out: list[Record] = []
+                for off, payload in zip(offsets, payloads, strict=True):
+                    out.extend(_decode_run(partition, off, [payload], 1, on_problem))
+                batch = [r for r in out if event_key(r.event) == key]
+                if batch:
+                    yield batch
+            return
         if not any(off > start.get(p, 0) for p, off in stop.items()):
             return
         self.log.on_problem = on_problem
         try:
             async with contextlib.aclosing(self.log.read(start, stop)) as batches:
                 async for batch in batches:
-                    if key is not None:
-                        batch = [r for r in batch if event_key(r.event) == key]
-                        if not batch:
-                            continue
                     yield batch
         except LogCorruption:
             raise

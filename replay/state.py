@@ -14,6 +14,7 @@ a partition is read until a record newer than ``T + max_skew``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import re
 import time
@@ -21,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from events.log import Position, Record
+from events import codec
+from events.log import LogCorruption, Position, Record
 from events.schema import TRUNK_EVENT_TYPES, Binding, Event
 from projections import registrar as reg
 from projections import trunks as trk
@@ -221,6 +223,11 @@ async def rebuild(source: Source, target: Target, *, start: Projection | None = 
         if on_problem is not None:
             on_problem(p, o, reason)
 
+    records = sum(max(0, off - pos.get(p, begin.get(p, 0))) for p, off in stop.items())
+    if todo and until is None and codec.slim_usable() and reg.rebuild_pays(
+            proj.registrar, records) and await _rebuild_fast(
+            source, proj, pos, stop, out, problem if on_problem else None, progress):
+        todo = set()
     if todo:
         batches = source.read(pos, stop, on_problem=problem if on_problem else None)
         async with contextlib.aclosing(batches):  # type: ignore[type-var]
@@ -246,6 +253,48 @@ async def rebuild(source: Source, target: Target, *, start: Projection | None = 
     else:
         out.at = clock()
     return out
+
+
+async def _rebuild_fast(source: Source, proj: Projection, pos: Position, stop: Position,
+                        out: Replayed, on_problem: OnProblem | None,
+                        progress: Progress | None) -> bool:
+    """The whole range through :class:`projections.registrar.Rebuild` (slim decoding,
+    survivors decoded at the end); False (projection untouched) when the source cannot
+    or a surviving record needs the full decoder."""
+    batches = source.read_payloads(pos, stop, on_problem=on_problem)
+    if batches is None:
+        return False
+    saved = {tid: dataclasses.replace(e) for tid, e in proj.trunks.trunks.items()}
+    read = out.read
+
+    def other(event: Event) -> None:
+        if type(event) in _TRUNK_TYPES:
+            trk.apply(proj.trunks, event)
+        else:
+            reg.apply(proj.registrar, event)
+
+    def bad(partition: int, offset: int, reason: str) -> None:
+        if on_problem is None:
+            raise LogCorruption(partition, offset, f"{reason} in {source.label}")
+        on_problem(partition, offset, reason)
+
+    rebuild = reg.Rebuild(proj.registrar, other, bad)
+    try:
+        async with contextlib.aclosing(batches):  # type: ignore[type-var]
+            async for partition, offsets, payloads in batches:
+                rebuild.feed(partition, offsets, payloads)
+                out.read += len(payloads)
+                if progress is not None:
+                    progress(len(payloads))
+        rebuild.finish()
+    except reg.NeedFullRebuild:
+        proj.trunks.trunks = saved
+        out.read = read
+        return False
+    out.applied += rebuild.count - rebuild.skipped
+    if rebuild.last_ts is not None and (proj.last_ts is None or rebuild.last_ts > proj.last_ts):
+        proj.last_ts = rebuild.last_ts
+    return True
 
 
 # ------------------------------------------------------------------------ AoR history

@@ -123,7 +123,7 @@ def _binding(req: RegisterInput, key: str, contact: NameAddr, expires: int, inst
             q = min(1.0, max(0.0, float(q_text)))
         except ValueError:
             q = 1.0
-    params = [(k, v) for k, v in contact.params if k.lower() not in ("expires", "q")]
+    params = tuple([(k, v) for k, v in contact.params if k.lower() not in ("expires", "q")])
     return Binding(
         key=key,
         uri=str(contact.uri),
@@ -137,7 +137,7 @@ def _binding(req: RegisterInput, key: str, contact: NameAddr, expires: int, inst
         conn_id=req.conn_id,
         instance=instance,
         reg_id=reg_id,
-        path=list(req.path),
+        path=tuple(req.path),
         params=params,
         user_agent=req.user_agent,
         registered_at=now,

@@ -529,3 +529,65 @@ async def test_perf_read_200k(kafka_bootstrap: str, capsys: pytest.CaptureFixtur
     report(capsys, f"bulk append of {total} events in {chunk}-event appends: "
            f"{total / wrote:,.0f} events/s; read from the beginning: {count} in {took:.2f} s "
            f"= {count / took:,.0f} events/s")
+
+
+# -- bulk reads for rebuilds -----------------------------------------------------------------
+
+
+async def test_read_payloads_matches_read(kafka_bootstrap: str) -> None:
+    """The bulk reader (own Fetch requests, no consumer) yields exactly the records
+    ``read`` yields, per partition in offset order, from a start and up to an end."""
+    from events.codec import decode
+
+    topic = topic_name("payloads")
+    async with opened(kafka_bootstrap, topic) as log:
+        events = [make_event(f"sip:p{i % 50}@example.com", i) for i in range(3000)]
+        for i in range(0, len(events), 500):
+            await log.append(events[i:i + 500])
+        end = await log.end_position()
+        for start, stop in ((None, None), ({0: 5, 3: 17}, None), (None, {p: o // 2 for p, o in
+                                                                        end.items()})):
+            expected = {(r.partition, r.offset, r.event)
+                        for r in await read_all(log, start=start, end=stop)}
+            got: list[tuple[int, int, Any]] = []
+            last: dict[int, int] = {}
+            async for partition, offsets, payloads in log.read_payloads(start, stop):
+                assert list(offsets) == sorted(offsets)
+                assert offsets[0] > last.get(partition, -1)
+                last[partition] = offsets[-1]
+                got.extend((partition, o, decode(p)) for o, p in zip(offsets, payloads,
+                                                                      strict=True))
+            assert len(got) == len(expected) and set(got) == expected
+        # leaving early (a fetch in flight) closes cleanly
+        async with contextlib.aclosing(log.read_payloads(batch_size=100)) as bulk:
+            async for _ in bulk:
+                break
+        assert len(await read_all(log)) == 3000
+
+
+async def test_rebuild_fast_equals_classic_and_skips_bad_records(
+        kafka_bootstrap: str, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from projections import registrar
+    from projections.runner import ProjectionRunner
+
+    monkeypatch.setattr(registrar, "FAST_REBUILD_MIN", 0)  # fast path for a small topic
+
+    topic = topic_name("fastrebuild")
+    await _with_garbage(kafka_bootstrap, topic)
+    async with opened(kafka_bootstrap, topic, on_bad_record="skip") as log:
+        await log.append([make_event(f"sip:f{i % 30}@example.com", i) for i in range(2000)])
+        caplog.set_level(logging.WARNING, logger="siphon.events.kafka")
+        fast = ProjectionRunner(log)
+        assert await fast.rebuild() == 2003
+        assert any("offset 1" in r.getMessage() for r in caplog.records)
+        classic = ProjectionRunner(log)
+        classic.log = type("Classic", (), {"read": log.read})()  # type: ignore[assignment]
+        await classic.rebuild()
+        assert {a: list(b.values()) for a, b in fast.state.aors.items()} == {
+            a: list(b.values()) for a, b in classic.state.aors.items()}
+        assert fast.state.position == classic.state.position
+    async with opened(kafka_bootstrap, topic, on_bad_record="stop") as log:
+        with pytest.raises(LogCorruption) as info:
+            await ProjectionRunner(log).rebuild()
+        assert (info.value.partition, info.value.offset) == (0, 1)
