@@ -24,6 +24,7 @@ import re
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from _util import EXAMPLE_SCRIPT, write_config
@@ -69,6 +70,13 @@ async def run(args: argparse.Namespace) -> None:
     cfg_path = work / "siphon.yaml"
     write_config(cfg_path, log_path=work / "events.db", users=users, udp_port=0,
                  admin_port=0, log_level="warning", script=EXAMPLE_SCRIPT)
+    if args.kafka:  # the same node on the Kafka backend, fresh topic
+        topic = f"bench-sip-path-{uuid.uuid4().hex[:8]}"
+        text = cfg_path.read_text().replace("  backend: embedded\n", (
+            "  backend: kafka\n  kafka:\n"
+            f'    bootstrap_servers: ["{args.kafka}"]\n    topic: "{topic}"\n'
+            f"    partitions: 6\n"), 1)
+        cfg_path.write_text(text)
     text = cfg_path.read_text().replace('listen: "127.0.0.1:0"', 'listen: "127.0.0.1:0"')
     cfg_path.write_text(text)
     logging.basicConfig(level=logging.WARNING)
@@ -159,6 +167,8 @@ def main() -> None:
     p.add_argument("--count", type=int, default=10_000, help="registrations to time")
     p.add_argument("--batch", type=int, default=2000, help="registrations per timed batch")
     p.add_argument("--concurrency", type=int, default=200, help="registrations in flight")
+    p.add_argument("--kafka", metavar="HOST:PORT",
+                   help="use the Kafka backend on this broker (a fresh topic)")
     p.add_argument("--gc", choices=("on", "off", "freeze"), default="on",
                    help="garbage collector during the timed part")
     p.add_argument("--gc-threshold", metavar="G0,G1,G2",
