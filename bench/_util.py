@@ -1,20 +1,27 @@
 """Shared helpers of the benchmarks in bench/ (not a benchmark itself).
 
 * process figures from /proc (RSS, CPU ticks) for a running ``siphon run``;
-* starting / stopping ``siphon run`` on a generated config;
+* the command-line options and work directory every benchmark has;
+* starting / stopping ``siphon run`` on a generated config (embedded or Kafka log);
+* SIPp: users files, its statistics CSV, waiting for it with its CPU;
+* py-spy: recording a node and summarizing the samples;
 * realistic registrar events (bindings shaped like real phones' REGISTERs).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -107,6 +114,145 @@ def disk_of(path: Path) -> str:
     return f"{best[1]} on {best[0]} (mounted at {best[2]})"
 
 
+# ---------------------------------------------------------------------------- processes, HTTP
+
+
+def wait_rusage(proc: subprocess.Popen[bytes], timeout: float | None = None) -> tuple[int, float]:
+    """Wait for ``proc`` (after ``timeout`` s SIGINT, then SIGKILL 5 s later); returns
+    (exit code, CPU seconds it used, from wait4's rusage)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    signalled = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, 0 if deadline is None else os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage.ru_utime + usage.ru_stime
+        if deadline is not None and time.monotonic() > deadline:
+            # SIPp quits on SIGINT/SIGTERM and still writes its final statistics.
+            proc.send_signal(signal.SIGINT if signalled == 0 else signal.SIGKILL)
+            signalled += 1
+            deadline = time.monotonic() + 5
+        time.sleep(0.05)
+
+
+def load_average(sep: str = " / ") -> str:
+    """The 1 / 5 / 15 min load averages."""
+    return sep.join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def http(method: str, url: str, body: dict | None = None, token: str | None = None,
+         timeout: float = 10.0) -> tuple[int, bytes]:
+    """(status, body) of an HTTP request (JSON ``body``, bearer ``token``); an HTTP error
+    status is returned, not raised."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+# ---------------------------------------------------------------------------- command line
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def arg_parser(doc: str, *, see_readme: bool = False,
+               epilog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of a benchmark described by its module docstring ``doc``: the first
+    paragraph as description, the rest as epilog (unless ``epilog`` is given)."""
+    description = doc.split("\n\n")[0]
+    if see_readme:
+        description += " (see the module docstring / bench/README.md)"
+    return argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n\n", 1)[1] if epilog is None else epilog)
+
+
+def add_common_args(p: Any, *, workdir: bool = True, json: bool = True, port: bool = False,
+                    py_spy: bool = False, files: str = "config, log and SIPp files") -> None:
+    """Options that mean the same in every benchmark: --workdir and --keep (``files``
+    says what goes there), --json, and with ``port``/``py_spy`` --port (siphon's UDP
+    port) and --py-spy RATE. ``p`` is a parser or an argument group."""
+    if port:
+        p.add_argument("--port", type=int, help="siphon UDP port (default: a free one)")
+    if workdir:
+        p.add_argument("--workdir", type=Path,
+                       help=f"directory for {files} (default: a temp dir, removed unless --keep)")
+        p.add_argument("--keep", action="store_true", help="keep the work directory")
+    if py_spy:
+        p.add_argument("--py-spy", type=int, metavar="RATE",
+                       help="record siphon with py-spy during the step at RATE and print the "
+                            "hottest functions (needs `pip install py-spy`)")
+    if json:
+        p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+
+
+def add_step_args(p: Any, *, stop_after: int = 2, fail_threshold: float = 0.5,
+                  min_achieved: float = 0.95, settle: float = 3.0) -> None:
+    """Options of benchmarks that offer increasing rates step by step: what makes a step
+    sustained, when to stop, the pause between steps."""
+    p.add_argument("--fail-threshold", type=float, default=fail_threshold,
+                   help="max failed calls in %% for a step to count as sustained "
+                        f"(default {fail_threshold:g})")
+    p.add_argument("--min-achieved", type=float, default=min_achieved,
+                   help="min achieved/offered ratio for a step to count as sustained "
+                        f"(default {min_achieved:g})")
+    p.add_argument("--stop-after", type=int, default=stop_after,
+                   help="stop after this many consecutive unsustained steps "
+                        f"(default {stop_after}, 0=never)")
+    p.add_argument("--settle", type=float, default=settle,
+                   help=f"seconds to wait between steps (default {settle:g})")
+
+
+def sipp_missing(prog: str) -> bool:
+    """True, and says so on stderr, when sipp is not on PATH."""
+    if shutil.which("sipp") is None:
+        print(f"{prog}: sipp is not on PATH", file=sys.stderr)
+        return True
+    return False
+
+
+def parse_rates(text: str) -> list[int]:
+    """--rates: comma-separated whole numbers."""
+    return [int(r) for r in text.split(",") if r.strip()]
+
+
+def make_workdir(given: Path | None, name: str) -> Path:
+    """``given`` (--workdir), or a new temp dir ``siphon-bench-NAME-*``; created."""
+    workdir = given or Path(tempfile.mkdtemp(prefix=f"siphon-bench-{name}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
+def finish(args: argparse.Namespace, workdir: Path, results: Any = None,
+           indent: str = "") -> None:
+    """The end of a run: write ``results`` to --json (if given), then keep the work
+    directory (--keep or --workdir: say where) or remove it."""
+    if results is not None and getattr(args, "json", None):
+        import json
+
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    if args.keep or args.workdir:
+        print(f"{indent}files kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def fresh_log(log_path: Path) -> None:
+    """Remove an embedded log (and its -wal/-shm) left by an earlier run."""
+    for stale in (log_path, Path(f"{log_path}-wal"), Path(f"{log_path}-shm")):
+        stale.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------- siphon
 
 
@@ -139,13 +285,19 @@ class Siphon:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 600.0) -> None:
+    def spawn(self) -> None:
+        """Start the process (not waiting for it to be ready)."""
         self.started = time.monotonic()
         with open(self.logfile, "ab") as log:
             self.proc = subprocess.Popen(
                 siphon_command(self.config), stdout=log, stderr=subprocess.STDOUT,
                 env=siphon_env(), cwd=str(self.config.parent), start_new_session=True,
             )
+
+    def start(self, timeout: float = 600.0) -> None:
+        """Start the process and wait until it is ready (raises if it is not)."""
+        self.spawn()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -195,11 +347,16 @@ class Siphon:
         return self.proc.returncode
 
 
-def write_config(path: Path, *, log_path: Path, users: dict[str, str] | None = None,
-                 udp_port: int = 15060, admin_port: int = 19091, min_expires: int = 10,
-                 log_level: str = "info", script: Path = EXAMPLE_SCRIPT,
-                 group_commit_max: int = 2000) -> None:
-    """A siphon.yaml for a benchmark node (embedded log at ``log_path``)."""
+def write_config(path: Path, *, log_path: Path | None = None,
+                 users: dict[str, str] | None = None, udp_port: int = 15060,
+                 admin_port: int = 19091, min_expires: int = 10, log_level: str = "info",
+                 script: Path = EXAMPLE_SCRIPT, group_commit_max: int = 2000,
+                 backend: str = "embedded", kafka: dict[str, Any] | None = None,
+                 instance_id: str = "bench-node-1") -> None:
+    """A siphon.yaml for a benchmark node: embedded log at ``log_path``, or with
+    ``backend="kafka"`` the Kafka log ``kafka`` describes (``bootstrap``, ``topic``,
+    ``partitions``, optional ``group_id``; ``log_path``, if given, then only places the
+    projection snapshot next to it)."""
     lines = [
         "# generated by bench/ - a benchmark node",
         "listen:",
@@ -209,13 +366,33 @@ def write_config(path: Path, *, log_path: Path, users: dict[str, str] | None = N
         "script:",
         f'  path: "{script}"',
         "registrar:",
-        "  backend: embedded",
-        f'  path: "{log_path}"',
+        f"  backend: {backend}",
+    ]
+    if backend == "embedded":
+        assert log_path is not None, "the embedded backend needs log_path"
+    if log_path is not None:
+        lines.append(f'  path: "{log_path}"')
+    lines += [
         "  default_expires: 3600",
         "  max_expires: 7200",
         f"  min_expires: {min_expires}",
         "  max_contacts: 10",
-        f"  group_commit_max: {group_commit_max}",
+    ]
+    if backend == "embedded":
+        lines.append(f"  group_commit_max: {group_commit_max}")
+    elif backend == "kafka":
+        assert kafka is not None, "backend='kafka' needs kafka={...}"
+        lines += [
+            "  kafka:",
+            f'    bootstrap_servers: ["{kafka["bootstrap"]}"]',
+            f'    topic: "{kafka["topic"]}"',
+            f"    partitions: {kafka['partitions']}",
+        ]
+        if "group_id" in kafka:
+            lines.append(f'    group_id: "{kafka["group_id"]}"')
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    lines += [
         "auth:",
         '  realm: "example.com"',
         "  backend: static",
@@ -228,11 +405,258 @@ def write_config(path: Path, *, log_path: Path, users: dict[str, str] | None = N
         "admin:",
         f'  listen: "127.0.0.1:{admin_port}"',
         "server:",
-        "  instance_id: bench-node-1",
+        f"  instance_id: {instance_id}",
         "log:",
         f"  level: {log_level}",
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def print_ready(node: Siphon, show_rss: bool = True) -> None:
+    """The started node's pid, how long it took to be ready (and its RSS)."""
+    print(f"  siphon pid {node.pid} ready in {node.ready_after:.2f}s"
+          + (f", RSS {fmt_bytes(rss(node.pid))}" if show_rss else ""))
+
+
+# ---------------------------------------------------------------------------- SIPp
+
+RTD_BUCKETS = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)  # ms, register_auth.xml's rtd
+
+
+def write_sipp_users(path: Path, names: Iterable[str], password: str) -> None:
+    """A SIPp injection file, one user a line: ``name;[authentication ...]`` (SIPp does
+    not expand [fieldN] inside [authentication], but does a keyword stored in a field)."""
+    with open(path, "w") as f:
+        f.write("SEQUENTIAL\n")
+        for name in names:
+            f.write(f"{name};[authentication username={name} password={password}]\n")
+
+
+def read_sipp_stats(path: Path) -> dict[str, str]:
+    """The last row of SIPp's -trace_stat CSV as {column: value} ({} if none yet)."""
+    if not path.exists():
+        return {}
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    if len(lines) < 2:
+        return {}
+    header = lines[0].rstrip(";").split(";")
+    last = lines[-1].rstrip(";").split(";")
+    return dict(zip(header, last, strict=False))
+
+
+def stat_int(st: dict[str, str], name: str) -> int:
+    """A counter of a SIPp statistics row (0 if absent or not a number)."""
+    try:
+        return int(float(st.get(name, "0") or 0))
+    except ValueError:
+        return 0
+
+
+def sipp_elapsed(st: dict[str, str], fallback: float) -> float:
+    """Seconds from SIPp's start to its last statistics row (``fallback`` if unknown)."""
+    try:
+        return float(st["CurrentTime"].split("\t")[-1]) - float(st["StartTime"].split("\t")[-1])
+    except (KeyError, ValueError):
+        return fallback
+
+
+def rtd_ms(text: str) -> float:
+    """SIPp's ``HH:MM:SS:uuuuuu`` to milliseconds."""
+    try:
+        h, m, s, us = (int(x) for x in text.split(":"))
+    except ValueError:
+        return float("nan")
+    return ((h * 60 + m) * 60 + s) * 1000 + us / 1000
+
+
+def rtd_buckets(st: dict[str, str], rtd: str = "reg") -> list[int]:
+    """Counts of SIPp's response time repartition of ``rtd`` (RTD_BUCKETS, then >= last)."""
+    counts = [stat_int(st, f"ResponseTimeRepartition{rtd}_<{b}") for b in RTD_BUCKETS]
+    counts.append(stat_int(st, f"ResponseTimeRepartition{rtd}_>={RTD_BUCKETS[-1]}"))
+    return counts
+
+
+def percentile_from_buckets(counts: list[int], q: float) -> float:
+    """Upper bound (ms) of the bucket holding quantile ``q`` (SIPp's repartition)."""
+    total = sum(counts)
+    if not total:
+        return float("nan")
+    seen = 0
+    for bound, n in zip((*RTD_BUCKETS, float("inf")), counts, strict=True):
+        seen += n
+        if seen >= q * total:
+            return bound
+    return float("inf")
+
+
+def fmt_rtd(v: float) -> str:
+    """A bucket bound of percentile_from_buckets (or a time in ms) for a table."""
+    if v != v:  # nan
+        return "-"
+    return ">5s" if v == float("inf") else f"<{v:.0f}" if v in RTD_BUCKETS else f"{v:.1f}"
+
+
+# ---------------------------------------------------------------------------- py-spy
+
+
+def start_py_spy(pid: int, seconds: float, out: Path, *, rate: int = 250,
+                 nonblocking: bool = False, echo: bool = False) -> subprocess.Popen[bytes] | None:
+    """``py-spy record`` of ``pid`` for ``seconds`` (at least 1) into ``out`` (raw
+    collapsed stacks per thread); None (and a note) when py-spy is not installed."""
+    exe = shutil.which("py-spy")
+    if exe is None:
+        print("  (py-spy not found: pip install py-spy)")
+        return None
+    cmd = [exe, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
+           "--rate", str(rate), "--format", "raw", "--threads"]
+    if nonblocking:
+        cmd.append("--nonblocking")
+    cmd += ["--output", str(out)]
+    if echo:
+        print("  py-spy: " + " ".join(cmd))
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def finish_py_spy(spy: subprocess.Popen[bytes] | None, out: Path, title: str,
+                  interrupt: bool = False) -> None:
+    """Wait for (or with ``interrupt``, stop) a start_py_spy recording and print
+    summarize_by_role of it."""
+    if spy is None:
+        return
+    if interrupt and spy.poll() is None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
+    try:
+        spy.wait(60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+    if out.exists():
+        print(f"\npy-spy profile of {title} ({out}):")
+        print(summarize_by_role(out))
+    else:
+        print(f"  (no py-spy output for {title})")
+
+
+def frame_name(frame: str) -> str:
+    """``func (file)`` of a py-spy raw frame ``func (path/to/file.py:123)``, the path
+    relative to the repo / site-packages / the standard library."""
+    func, _, where = frame.partition(" (")
+    file = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("/work/main/", "site-packages/", "lib/python3"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+            break
+    return f"{func} ({file})"
+
+
+def _collapsed(path: Path) -> Iterator[tuple[str, list[str], int]]:
+    """(thread frame or "?", the other frames, samples) per line of py-spy's raw output."""
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        thread = "?"
+        if frames and frames[0].startswith("thread ("):
+            thread, frames = frames[0], frames[1:]
+        yield thread, frames, int(count)
+
+
+IDLE_LEAVES = {
+    # py-spy cannot always tell a thread waiting in C from a busy one: the event loop
+    # thread waiting in uvloop's epoll (or running uvloop's own C code) shows up as
+    # Runner.run itself, a pool thread waiting for work as _worker itself.
+    "event loop thread": "Runner.run (asyncio/runners.py)",
+    "other threads": "_worker (concurrent/futures/thread.py)",
+}
+
+
+def summarize_by_role(path: Path, top: int = 25) -> str:
+    """Per thread group (event loop / worker threads): the functions with the most self
+    and inclusive samples and self samples per source file, from py-spy's raw output.
+    Shares are of the samples where Python code ran (see IDLE_LEAVES)."""
+    groups: dict[str, dict[str, dict[str, int]]] = {}
+    totals: dict[str, int] = {}
+    idle: dict[str, int] = {}
+    for _, frames, n in _collapsed(path):
+        group = "event loop thread" if any("cmd_run" in f for f in frames) else "other threads"
+        names = [frame_name(f) for f in frames]
+        if names[-1] == IDLE_LEAVES[group]:
+            idle[group] = idle.get(group, 0) + n
+            continue
+        g = groups.setdefault(group, {"self": {}, "incl": {}, "file": {}})
+        totals[group] = totals.get(group, 0) + n
+        g["self"][names[-1]] = g["self"].get(names[-1], 0) + n
+        file = names[-1].rsplit(" (", 1)[-1].rstrip(")")
+        g["file"][file] = g["file"].get(file, 0) + n
+        for name in set(names):
+            g["incl"][name] = g["incl"].get(name, 0) + n
+    if not totals:
+        return "  (no samples)"
+    out = []
+    for group in sorted(groups):
+        total = totals[group]
+        out.append(f"  == {group}: {total} samples in Python code "
+                   f"({idle.get(group, 0)} more in {IDLE_LEAVES[group].split()[0]} itself: "
+                   f"native code or waiting); shares are of the {total} ==")
+        g = groups[group]
+        out.append("  -- self, by function --")
+        for name, n in sorted(g["self"].items(), key=lambda kv: -kv[1])[:top]:
+            out.append(f"  {100 * n / total:5.1f}%  {name}")
+        out.append("  -- self, by source file --")
+        for name, n in sorted(g["file"].items(), key=lambda kv: -kv[1])[:15]:
+            out.append(f"  {100 * n / total:5.1f}%  {name}")
+        out.append("  -- inclusive --")
+        for name, n in sorted(g["incl"].items(), key=lambda kv: -kv[1]):
+            if n / total < 0.02 or len(out) > 400:
+                break
+            if name.split(" (")[0] in ("run", "_run_module_as_main", "main", "_run_code",
+                                       "<module>", "cmd_run", "Runner.run", "Thread.run",
+                                       "Thread._bootstrap", "Thread._bootstrap_inner"):
+                continue
+            out.append(f"  {100 * n / total:5.1f}%  {name}")
+    return "\n".join(out)
+
+
+def summarize_by_thread(path: Path, seconds: float, rate: int, top: int = 25) -> str:
+    """Per OS thread (the busiest is the event loop), the hottest functions (self and
+    inclusive) from py-spy's raw output recorded at ``rate`` samples/s for ``seconds``.
+    With --nonblocking some stacks are cut short; they still count for their thread.
+    Time the garbage collector takes shows up in whatever frame allocated when it ran
+    (e.g. Headers.__init__), time in uvloop's C code (epoll, socket calls, callbacks'
+    glue) as Runner.run itself."""
+    groups: dict[str, dict[str, dict[str, int]]] = {}
+    totals: dict[str, int] = {}
+    for thread, frames, n in _collapsed(path):
+        if not frames:
+            continue
+        g = groups.setdefault(thread, {"self": {}, "incl": {}})
+        totals[thread] = totals.get(thread, 0) + n
+        names = [frame_name(f) for f in frames]
+        g["self"][names[-1]] = g["self"].get(names[-1], 0) + n
+        for name in set(names):
+            g["incl"][name] = g["incl"].get(name, 0) + n
+    if not totals:
+        return "  (no samples)"
+    out = []
+    ordered = sorted(totals, key=lambda t: -totals[t])
+    for rank, thread in enumerate(ordered):
+        total = totals[thread]
+        busy = 100 * total / (rate * seconds)
+        if rank == 0:
+            out.append(f"  == {thread}, the event loop: {total} samples (~{busy:.0f}% of one "
+                       "core busy); shares below are of these samples ==")
+            g = groups[thread]
+            out.append("  -- self --")
+            for name, n in sorted(g["self"].items(), key=lambda kv: -kv[1])[:top]:
+                out.append(f"  {100 * n / total:5.1f}%  {name}")
+            out.append("  -- inclusive --")
+            for name, n in sorted(g["incl"].items(), key=lambda kv: -kv[1])[:top + 10]:
+                out.append(f"  {100 * n / total:5.1f}%  {name}")
+        else:
+            hot = sorted(groups[thread]["self"].items(), key=lambda kv: -kv[1])[:3]
+            out.append(f"  == {thread}: {total} samples (~{busy:.1f}% of a core): "
+                       + ", ".join(f"{name} {n}" for name, n in hot))
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------- events
@@ -324,3 +748,45 @@ def live_binding_events(n: int, seed: int = 1, now: float | None = None,
                                binding=make_binding(dev, now, expires))
             made += 1
         user += 1
+
+
+def registrar_events(n: int, aors: int, seed: int, start: float) -> Iterator:
+    """``n`` events of ~``aors`` users' phones from ``start`` on, ~20 events/s of
+    simulated time: ~23 % added, 63 % refreshed, 6 % removed, 7 % expired. Every event
+    is consistent with the state built so far (refreshes and removals name a live
+    binding, expiries carry its expires_at), so applying them does real work."""
+    from events.schema import BindingAdded, BindingExpired, BindingRefreshed, BindingRemoved
+
+    rnd = random.Random(seed)
+    t = start
+    live: dict[int, dict[str, tuple[Device, float]]] = {}
+    for _ in range(n):
+        t += rnd.expovariate(20.0)
+        user = rnd.randrange(aors)
+        aor = aor_name(user)
+        devices = live.get(user)
+        r = rnd.random()
+        if not devices or (r > 0.97 and len(devices) < 3):
+            dev = Device(rnd, user)
+            b = make_binding(dev, t, rnd.choice((600, 1800, 3600)))
+            live.setdefault(user, {})[b.key] = (dev, b.expires_at)
+            yield BindingAdded(ts=t, node=NODE, aor=aor, binding=b)
+            continue
+        key = rnd.choice(list(devices))
+        dev, expires_at = devices[key]
+        ev: Any
+        if r < 0.80:
+            b = make_binding(dev, t, rnd.choice((600, 1800, 3600)))
+            devices[key] = (dev, b.expires_at)
+            ev = BindingRefreshed(ts=t, node=NODE, aor=aor, binding=b)
+        elif r < 0.88:
+            del devices[key]
+            ev = BindingRemoved(ts=t, node=NODE, aor=aor, key=key, call_id=dev.call_id,
+                                cseq=dev.cseq + 1, source=f"{dev.ip}:{dev.port}",
+                                transport=dev.transport, user_agent=dev.ua)
+        else:
+            del devices[key]
+            ev = BindingExpired(ts=t, node=NODE, aor=aor, key=key, expires_at=expires_at)
+        if not devices:
+            del live[user]
+        yield ev

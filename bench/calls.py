@@ -54,11 +54,8 @@ import argparse
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -116,10 +113,7 @@ class Run:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1])
+    p = U.arg_parser(__doc__)
     p.add_argument("--rates", default=DEFAULT_RATES,
                    help=f"comma-separated call rates (calls/s) to offer (default {DEFAULT_RATES})")
     p.add_argument("--duration", type=float, default=10.0,
@@ -128,15 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ms between the ACK and the BYE (SIPp -d; default 500)")
     p.add_argument("--limit", type=int, default=0,
                    help="max concurrent calls of the UAC (SIPp -l; default max(200, 3*rate))")
-    p.add_argument("--fail-threshold", type=float, default=0.5,
-                   help="max failed calls in %% for a step to count as sustained (default 0.5)")
-    p.add_argument("--min-achieved", type=float, default=0.95,
-                   help="min achieved/offered ratio for a step to count as sustained "
-                        "(default 0.95)")
-    p.add_argument("--stop-after", type=int, default=2,
-                   help="stop after this many consecutive unsustained steps (default 2, 0=never)")
-    p.add_argument("--settle", type=float, default=3.0,
-                   help="seconds to wait between steps (default 3)")
+    U.add_step_args(p)
     p.add_argument("--latency-rate", type=int, default=100,
                    help="calls/s of the latency comparison (default 100; 0 skips it)")
     p.add_argument("--latency-duration", type=float, default=10.0,
@@ -160,17 +146,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and heap census: what is still held once transactions expired "
                         "(default 0 = skip)")
     p.add_argument("--skip-throughput", action="store_true", help="only the latency comparison")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+    p.add_argument("--log-level", default="info", choices=U.LOG_LEVELS,
                    help="siphon log level (default info)")
-    p.add_argument("--port", type=int, help="siphon UDP port (default: a free one)")
-    p.add_argument("--workdir", type=Path,
-                   help="directory for config, log and SIPp files (default: a temp dir, "
-                        "removed unless --keep)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--py-spy", type=int, metavar="RATE",
-                   help="record siphon with py-spy during the step at RATE and print the "
-                        "hottest functions (needs `pip install py-spy`)")
-    p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    U.add_common_args(p, port=True, py_spy=True)
     return p.parse_args(argv)
 
 
@@ -369,42 +347,6 @@ def uac_command(target: str, rate: int, calls: int, limit: int, hold: int, tag: 
     return cmd
 
 
-def wait_rusage(proc: subprocess.Popen[bytes], timeout: float | None = None) -> tuple[int, float]:
-    """Wait for ``proc`` (SIGINT, then SIGKILL after ``timeout``); (exit code, CPU s)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    signalled = 0
-    while True:
-        pid, status, usage = os.wait4(proc.pid, 0 if deadline is None else os.WNOHANG)
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, usage.ru_utime + usage.ru_stime
-        if deadline is not None and time.monotonic() > deadline:
-            # SIPp quits on SIGINT/SIGTERM and still writes its final statistics.
-            proc.send_signal(signal.SIGINT if signalled == 0 else signal.SIGKILL)
-            signalled += 1
-            deadline = time.monotonic() + 5
-        time.sleep(0.05)
-
-
-def read_stats(path: Path) -> dict[str, str]:
-    """The last row of SIPp's -trace_stat CSV as {column: value}."""
-    if not path.exists():
-        return {}
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    if len(lines) < 2:
-        return {}
-    header = lines[0].rstrip(";").split(";")
-    last = lines[-1].rstrip(";").split(";")
-    return dict(zip(header, last, strict=False))
-
-
-def stat_int(st: dict[str, str], name: str) -> int:
-    try:
-        return int(float(st.get(name, "0") or 0))
-    except ValueError:
-        return 0
-
-
 def read_rtt(workdir: Path, scenario: str, pid: int) -> dict[str, list[tuple[float, float]]]:
     """SIPp -trace_rtt (<scenario>_<pid>_rtt.csv in the cwd): {rtd name: [(t_ms, rt_ms)]}
     where t_ms is when the timer stopped, in ms since SIPp started."""
@@ -485,80 +427,6 @@ def error_sample(path: Path, n: int = 6) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------- py-spy
-
-
-def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
-    exe = shutil.which("py-spy")
-    if exe is None:
-        print("  (py-spy not found: pip install py-spy)")
-        return None
-    cmd = [exe, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
-           "--rate", str(SPY_RATE), "--format", "raw", "--threads", "--nonblocking",
-           "--output", str(out)]
-    print("  py-spy: " + " ".join(cmd))
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _frame_name(frame: str) -> str:
-    func, _, where = frame.partition(" (")
-    file = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("/work/main/", "site-packages/", "lib/python3"):
-        if marker in file:
-            file = file.split(marker, 1)[1]
-            break
-    return f"{func} ({file})"
-
-
-def summarize_collapsed(path: Path, seconds: float, top: int = 25) -> str:
-    """Per OS thread (the busiest is the event loop), the hottest functions (self and
-    inclusive) from py-spy's collapsed stacks. With --nonblocking some stacks are cut
-    short; they still count for their thread. Time the garbage collector takes shows up
-    in whatever frame allocated when it ran (e.g. Headers.__init__), time in uvloop's C
-    code (epoll, socket calls, callbacks' glue) as Runner.run itself."""
-    groups: dict[str, dict[str, dict[str, int]]] = {}
-    totals: dict[str, int] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        frames = stack.split(";")
-        thread = "?"
-        if frames and frames[0].startswith("thread ("):
-            thread, frames = frames[0], frames[1:]
-        if not frames:
-            continue
-        g = groups.setdefault(thread, {"self": {}, "incl": {}})
-        totals[thread] = totals.get(thread, 0) + n
-        names = [_frame_name(f) for f in frames]
-        g["self"][names[-1]] = g["self"].get(names[-1], 0) + n
-        for name in set(names):
-            g["incl"][name] = g["incl"].get(name, 0) + n
-    if not totals:
-        return "  (no samples)"
-    out = []
-    ordered = sorted(totals, key=lambda t: -totals[t])
-    for rank, thread in enumerate(ordered):
-        total = totals[thread]
-        busy = 100 * total / (SPY_RATE * seconds)
-        if rank == 0:
-            out.append(f"  == {thread}, the event loop: {total} samples (~{busy:.0f}% of one "
-                       "core busy); shares below are of these samples ==")
-            g = groups[thread]
-            out.append("  -- self --")
-            for name, n in sorted(g["self"].items(), key=lambda kv: -kv[1])[:top]:
-                out.append(f"  {100 * n / total:5.1f}%  {name}")
-            out.append("  -- inclusive --")
-            for name, n in sorted(g["incl"].items(), key=lambda kv: -kv[1])[:top + 10]:
-                out.append(f"  {100 * n / total:5.1f}%  {name}")
-        else:
-            hot = sorted(groups[thread]["self"].items(), key=lambda kv: -kv[1])[:3]
-            out.append(f"  == {thread}: {total} samples (~{busy:.1f}% of a core): "
-                       + ", ".join(f"{name} {n}" for name, n in hot))
-    return "\n".join(out)
-
-
 # ---------------------------------------------------------------------------- runs
 
 
@@ -611,16 +479,17 @@ def run_calls(label: str, rate: int, duration: float, args: argparse.Namespace,
     t0 = time.monotonic()
     spy_proc = None
     if spy and node is not None:
-        spy_proc = start_py_spy(node.pid, duration, workdir / f"py-spy_{tag}.txt")
+        spy_proc = U.start_py_spy(node.pid, duration, workdir / f"py-spy_{tag}.txt",
+                                  rate=SPY_RATE, nonblocking=True, echo=True)
     uac = subprocess.Popen(uac_cmd, stdout=uac_out, stderr=subprocess.STDOUT, cwd=workdir)
-    run.uac_rc, uac_cpu = wait_rusage(uac)
+    run.uac_rc, uac_cpu = U.wait_rusage(uac)
     run.wall = time.monotonic() - t0
     if node is not None:
         cpu1, thr1 = U.cpu_seconds(node.pid), U.thread_cpu(node.pid)
         run.siphon_rss = U.rss(node.pid)
     # the UAS ends its last calls 0.5 s (timewait) after their BYE; unfinished ones are
     # calls whose ACK or BYE never arrived
-    run.uas_rc, uas_cpu = wait_rusage(uas, timeout=3.0)
+    run.uas_rc, uas_cpu = U.wait_rusage(uas, timeout=3.0)
     busy = U.system_busy() - busy0
     sampler.stop()
     uas_out.close()
@@ -649,19 +518,19 @@ def run_calls(label: str, rate: int, duration: float, args: argparse.Namespace,
     run.other_cpu_pct = max(0.0, run.busy_pct - run.siphon_cpu_pct - run.uac_cpu_pct
                             - run.uas_cpu_pct)
 
-    st = read_stats(workdir / f"uac_stat_{tag}.csv")
-    ust = read_stats(workdir / f"uas_stat_{tag}.csv")
-    run.created = stat_int(st, "OutgoingCall(C)")
-    run.successful = stat_int(st, "SuccessfulCall(C)")
-    run.failed = stat_int(st, "FailedCall(C)")
+    st = U.read_sipp_stats(workdir / f"uac_stat_{tag}.csv")
+    ust = U.read_sipp_stats(workdir / f"uas_stat_{tag}.csv")
+    run.created = U.stat_int(st, "OutgoingCall(C)")
+    run.successful = U.stat_int(st, "SuccessfulCall(C)")
+    run.failed = U.stat_int(st, "FailedCall(C)")
     run.unfinished = max(0, calls - run.successful - run.failed)
     run.fail_pct = 100.0 * (run.failed + run.unfinished) / calls
-    run.uac_retrans = stat_int(st, "Retransmissions(C)")
-    run.uac_timeouts = stat_int(st, "FailedTimeoutOnRecv(C)") + stat_int(
+    run.uac_retrans = U.stat_int(st, "Retransmissions(C)")
+    run.uac_timeouts = U.stat_int(st, "FailedTimeoutOnRecv(C)") + U.stat_int(
         st, "FailedMaxUDPRetrans(C)")
-    run.uac_unexpected = stat_int(st, "FailedUnexpectedMessage(C)")
-    run.uas_retrans = stat_int(ust, "Retransmissions(C)")
-    run.uas_failed = stat_int(ust, "FailedCall(C)")
+    run.uac_unexpected = U.stat_int(st, "FailedUnexpectedMessage(C)")
+    run.uas_retrans = U.stat_int(ust, "Retransmissions(C)")
+    run.uas_failed = U.stat_int(ust, "FailedCall(C)")
 
     rtt = read_rtt(workdir, "call_uac", uac.pid)
     inv, bye = rtt.get("invite", []), rtt.get("bye", [])
@@ -779,18 +648,15 @@ def latency_report(direct: list[float], proxied: list[float], rd: Run, rp: Run) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("sipp") is None:
-        print("calls.py: sipp is not on PATH", file=sys.stderr)
+    if U.sipp_missing("calls.py"):
         return 2
-    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    rates = U.parse_rates(args.rates)
     args.port = args.port or U.free_port(2)
     uas_port = U.free_port(2)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="siphon-bench-calls-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = U.make_workdir(args.workdir, "calls")
     config = workdir / "siphon.yaml"
     log_path = workdir / "events.db"
-    for stale in (log_path, Path(f"{log_path}-wal"), Path(f"{log_path}-shm")):
-        stale.unlink(missing_ok=True)
+    U.fresh_log(log_path)
     admin_port = U.free_port(1)
     U.write_config(config, log_path=log_path, users={CALLEE: PASSWORD}, udp_port=args.port,
                    admin_port=admin_port, log_level=args.log_level)
@@ -810,8 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     node = U.Siphon(config, workdir, admin_port)
     print("  siphon: " + " ".join(U.siphon_command(config)).replace("\n", "\\n"))
     node.start()
-    print(f"  siphon pid {node.pid} ready in {node.ready_after:.2f}s, "
-          f"RSS {U.fmt_bytes(U.rss(node.pid))}")
+    U.print_ready(node)
     results: dict = {"steps": [], "latency": {}}
     steps: list[Run] = []
     try:
@@ -841,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
                 spyfile = workdir / f"py-spy_step{rate}.txt"
                 if args.py_spy == rate and spyfile.exists():
                     print(f"\n  py-spy profile of siphon at {rate}/s ({spyfile}):")
-                    print(summarize_collapsed(spyfile, max(1, int(args.duration))))
+                    print(U.summarize_by_thread(spyfile, max(1, int(args.duration)), SPY_RATE))
                     print()
                 unsustained = 0 if run.sustained else unsustained + 1
                 if args.stop_after and unsustained >= args.stop_after:
@@ -896,12 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"siphon peak RSS (VmHWM) {U.fmt_bytes(status.get('VmHWM', 0))}")
     print("siphon log tail:")
     print("\n".join("  " + ln for ln in tail.splitlines()))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    if args.keep or args.workdir:
-        print(f"files kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    U.finish(args, workdir, results)
     return 0
 
 

@@ -35,11 +35,9 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -113,14 +111,6 @@ class Cluster:
         return Path(f"/proc/{self.pid(node)}").exists()
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 # ---------------------------------------------------------------------------- scraping
 
 
@@ -128,7 +118,8 @@ def scrape(cluster: Cluster, node: str) -> dict[str, float]:
     """The few series this benchmark watches, from one node's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    status, body = http_get(f"http://127.0.0.1:{cluster.port(node, 'admin')}/metrics", 5)
+    status, body = U.http("GET", f"http://127.0.0.1:{cluster.port(node, 'admin')}/metrics",
+                          timeout=5)
     if status != 200:
         return {}
     out = {"lag": 0.0, "lag_max_partition": 0.0}
@@ -220,7 +211,7 @@ class Prober(threading.Thread):
             for node, url in list(pending.items()):
                 t_poll = time.monotonic()
                 try:
-                    status, body = http_get(url, timeout=2)
+                    status, body = U.http("GET", url, timeout=2)
                 except OSError:
                     continue
                 self.poll_ms.append(1000 * (time.monotonic() - t_poll))
@@ -272,13 +263,6 @@ class SippRun:
     cpu: float = 0.0
 
 
-def write_slice(path: Path, users: list[str]) -> None:
-    with open(path, "w") as f:
-        f.write("SEQUENTIAL\n")
-        for name in users:
-            f.write(f"{name};[authentication username={name} password={PASSWORD}]\n")
-
-
 def start_sipp(run: SippRun, target: int, users_csv: Path, workdir: Path,
                tag: str) -> subprocess.Popen[bytes]:
     stf = workdir / f"stat_{tag}_{run.node}.csv"
@@ -296,31 +280,15 @@ def start_sipp(run: SippRun, target: int, users_csv: Path, workdir: Path,
 
 def finish_sipp(run: SippRun, proc: subprocess.Popen[bytes], workdir: Path, tag: str,
                 wall0: float) -> None:
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    run.rc = proc.returncode
-    run.cpu = usage.ru_utime + usage.ru_stime
-    stf = workdir / f"stat_{tag}_{run.node}.csv"
-    st = R.read_stats(stf) if stf.exists() else {}
-
-    def num(name: str) -> int:
-        try:
-            return int(float(st.get(name, "0") or 0))
-        except ValueError:
-            return 0
-
-    run.ok, run.failed = num("SuccessfulCall(C)"), num("FailedCall(C)")
+    run.rc, run.cpu = U.wait_rusage(proc)
+    st = U.read_sipp_stats(workdir / f"stat_{tag}_{run.node}.csv")
+    run.ok, run.failed = U.stat_int(st, "SuccessfulCall(C)"), U.stat_int(st, "FailedCall(C)")
     if run.rc != 0:
         run.failed = max(run.failed, run.calls - run.ok)
-    try:
-        run.elapsed = (float(st["CurrentTime"].split("\t")[-1])
-                       - float(st["StartTime"].split("\t")[-1]))
-    except (KeyError, ValueError):
-        run.elapsed = time.monotonic() - wall0
-    run.retrans = num("Retransmissions(C)")
-    run.buckets = [num(f"ResponseTimeRepartitionreg_<{b}") for b in R.RTD_BUCKETS]
-    run.buckets.append(num(f"ResponseTimeRepartitionreg_>={R.RTD_BUCKETS[-1]}"))
-    run.rt_mean_ms = R.rtd_ms(st.get("ResponseTimereg(C)", ""))
+    run.elapsed = U.sipp_elapsed(st, time.monotonic() - wall0)
+    run.retrans = U.stat_int(st, "Retransmissions(C)")
+    run.buckets = U.rtd_buckets(st)
+    run.rt_mean_ms = U.rtd_ms(st.get("ResponseTimereg(C)", ""))
 
 
 # ---------------------------------------------------------------------------- steps
@@ -412,9 +380,9 @@ def run_step(rate: int, args: argparse.Namespace, cluster: Cluster, slices: dict
         fail_pct=100.0 * failed / max(1, 3 * calls),
         per_node_ok={n: r.ok / (r.elapsed or window) for n, r in runs.items()},
         retrans=sum(r.retrans for r in runs.values()),
-        rt_p50_ms=R.percentile_from_buckets(buckets, 0.50),
-        rt_p95_ms=R.percentile_from_buckets(buckets, 0.95),
-        rt_p99_ms=R.percentile_from_buckets(buckets, 0.99),
+        rt_p50_ms=U.percentile_from_buckets(buckets, 0.50),
+        rt_p95_ms=U.percentile_from_buckets(buckets, 0.95),
+        rt_p99_ms=U.percentile_from_buckets(buckets, 0.99),
         vis_n=len(vis), vis_p50_ms=quantile(vis, 0.50), vis_p99_ms=quantile(vis, 0.99),
         vis_max_ms=max(vis, default=float("nan")),
         poll_p50_ms=quantile(prober.poll_ms, 0.50), poll_p99_ms=quantile(prober.poll_ms, 0.99),
@@ -451,7 +419,7 @@ def print_step(s: Step) -> None:
     applied = "/".join(fmt(s.applied[n]) for n in NODES)
     nodes_ok = "/".join(fmt(s.per_node_ok[n]) for n in NODES)
     cpu = " ".join(f"{k} {v:.0f}%" for k, v in s.cpu_pct.items())
-    rt = f"{R._ms(s.rt_p50_ms)}/{R._ms(s.rt_p95_ms)}/{R._ms(s.rt_p99_ms)}"
+    rt = f"{U.fmt_rtd(s.rt_p50_ms)}/{U.fmt_rtd(s.rt_p95_ms)}/{U.fmt_rtd(s.rt_p99_ms)}"
     print(f"{s.rate:>8} {s.achieved:>7.0f} {nodes_ok:>13} {s.fail_pct:>6.2f} {s.retrans:>6} "
           f"{rt:>15} {s.vis_n:>4} {fmt(s.vis_p50_ms):>5} {fmt(s.vis_p99_ms):>5} "
           f"{fmt(s.vis_max_ms):>5} {lag:>13} {end:>8} {applied:>14}  "
@@ -466,9 +434,7 @@ def print_step(s: Step) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = U.arg_parser(__doc__)
     p.add_argument("--rates", default=DEFAULT_RATES,
                    help=f"total registrations/s to offer, split evenly over the three nodes "
                         f"(default {DEFAULT_RATES})")
@@ -478,7 +444,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "travel in one environment variable)")
     p.add_argument("--kafka-bootstrap", help="use this broker (default: local-cluster starts "
                    "one with scripts/kafka.sh)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+    p.add_argument("--log-level", default="info", choices=U.LOG_LEVELS,
                    help="SIPHON_LOG_LEVEL of the nodes (default info, as in compose)")
     p.add_argument("--probe-rate", type=float, default=4.0,
                    help="visibility probes per second during a step (default 4)")
@@ -488,25 +454,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="visibility probes before any load (default 30)")
     p.add_argument("--scrape-interval", type=float, default=1.0,
                    help="seconds between /metrics scrapes (default 1)")
-    p.add_argument("--fail-threshold", type=float, default=0.5,
-                   help="max failed calls %% for a sustained step (default 0.5)")
-    p.add_argument("--min-achieved", type=float, default=0.95,
-                   help="min achieved/offered for a sustained step (default 0.95)")
-    p.add_argument("--stop-after", type=int, default=2,
-                   help="stop after this many unsustained steps in a row (default 2, 0=never)")
-    p.add_argument("--settle", type=float, default=3.0, help="seconds between steps")
-    p.add_argument("--workdir", type=Path, help="work directory (default: a temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    U.add_step_args(p)
+    U.add_common_args(p, files="the cluster's configs and logs, and SIPp files")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("sipp") is None:
-        print("cluster.py: sipp is not on PATH", file=sys.stderr)
+    if U.sipp_missing("cluster.py"):
         return 2
-    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    rates = U.parse_rates(args.rates)
     if any(r % 3 for r in rates):
         print("cluster.py: rates must be multiples of 3 (one third per node)", file=sys.stderr)
         return 2
@@ -517,12 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cluster.py: --users {args.users} makes SIPHON_AUTH_USERS {len(flow)} bytes; "
               f"keep it under {MAX_ENV_BYTES}", file=sys.stderr)
         return 2
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="siphon-bench-cluster-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = U.make_workdir(args.workdir, "cluster")
     slices = {}
     for i, node in enumerate(NODES):
         slices[node] = workdir / f"users_{node}.csv"
-        write_slice(slices[node], users[i::3])
+        U.write_sipp_users(slices[node], users[i::3], PASSWORD)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIPHON_")}
     env.update(PYTHON=sys.executable, SIPHON_AUTH_USERS=flow, SIPHON_LOG_LEVEL=args.log_level)
     env.pop("KAFKA_BOOTSTRAP", None)
@@ -575,12 +531,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({best.vis_n} samples); consumer lag at most "
               f"{max(best.lag_max.values()):.0f} records, {max(best.lag_end.values()):.0f} "
               f"after the step")
-    if args.json:
-        args.json.write_text(json.dumps([asdict(s) for s in steps], indent=2))
-    if args.keep or args.workdir:
-        print(f"files kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    U.finish(args, workdir, [asdict(s) for s in steps])
     return 0
 
 

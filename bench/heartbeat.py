@@ -43,10 +43,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,11 +55,9 @@ TARGET_DROP = 30.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] + " (see the module docstring / bench/README.md)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Targets: >= {TARGET_HB:,.0f} heartbeats/s while REGISTER throughput "
-               f"drops by <= {TARGET_DROP:.0f}%%. Needs sipp on PATH.")
+    p = U.arg_parser(__doc__, see_readme=True,
+                     epilog=f"Targets: >= {TARGET_HB:,.0f} heartbeats/s while REGISTER "
+                            f"throughput drops by <= {TARGET_DROP:.0f}%%. Needs sipp on PATH.")
     p.add_argument("--rate", type=int, default=600,
                    help="SIPp REGISTERs/s offered in (a) and (c) (default 600)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per phase (default 10)")
@@ -81,12 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="trunks.lease_secs (default 9: a heartbeat event per trunk at most "
                         "every 3 s, so the thinning shows within a phase)")
     p.add_argument("--users", type=int, default=10_000, help="SIP users (default 10000)")
-    p.add_argument("--log-level", default="warning",
-                   choices=("debug", "info", "warning", "error"),
+    p.add_argument("--log-level", default="warning", choices=U.LOG_LEVELS,
                    help="siphon log level (default warning: no log line per request)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds between phases")
-    p.add_argument("--workdir", type=Path, help="work directory (default: a temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    U.add_common_args(p, json=False, files="config, log, SIPp and heartbeat client files")
     # internal: run as a heartbeat client process
     p.add_argument("--_client", metavar="URL", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -179,9 +172,7 @@ class AiohttpLoad:
         statuses: dict[str, int] = {}
         errors, cpu, wall = 0, 0.0, 0.0
         for proc, out in self.procs:
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            cpu += usage.ru_utime + usage.ru_stime
+            cpu += U.wait_rusage(proc)[1]
             data = json.loads(out.read_text() or "{}")
             lat += data.get("lat", [])
             errors += data.get("errors", 0)
@@ -245,16 +236,14 @@ class WrkLoad:
             self.proc.send_signal(signal.SIGINT)
 
     def wait(self) -> dict:
-        _, status, usage = os.wait4(self.proc.pid, 0)
-        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        _, cpu = U.wait_rusage(self.proc)
         text = self.out.read_text(errors="replace")
         line = next((ln[2:] for ln in text.splitlines() if ln.startswith("@@")), None)
         if line is None:
             raise RuntimeError(f"wrk printed no report:\n{text}")
         data = json.loads(line)
         return _summary(data["statuses"], data["errors"], data["duration_us"] / 1e6,
-                        data["requests"], data["p50_us"] / 1000, data["p99_us"] / 1000,
-                        usage.ru_utime + usage.ru_stime)
+                        data["requests"], data["p50_us"] / 1000, data["p99_us"] / 1000, cpu)
 
 
 def heartbeat_load(args: argparse.Namespace, base: str, workdir: Path, tag: str,
@@ -266,29 +255,15 @@ def heartbeat_load(args: argparse.Namespace, base: str, workdir: Path, tag: str,
 # ---------------------------------------------------------------------------- helpers
 
 
-def http(method: str, url: str, body: dict | None = None,
-         token: str | None = None) -> tuple[int, bytes]:
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 def log_position(admin_port: int) -> int:
-    _, body = http("GET", f"http://127.0.0.1:{admin_port}/admin/stats")
+    _, body = U.http("GET", f"http://127.0.0.1:{admin_port}/admin/stats")
     return sum(json.loads(body)["log_position"].values())
 
 
 def put_trunks(base: str, n: int, token: str | None = None) -> dict[int, int]:
     codes: dict[int, int] = {}
     for i in range(n):
-        code, _ = http("PUT", f"{base}/trunks/trunk-{i:05d}",
+        code, _ = U.http("PUT", f"{base}/trunks/trunk-{i:05d}",
                        {"sip_uri": f"sip:gw{i}.example.net", "transport": "udp"}, token)
         codes[code] = codes.get(code, 0) + 1
     return codes
@@ -346,7 +321,7 @@ def print_sipp(step: R.Step) -> None:
     print(f"  REGISTER: offered {step.rate}/s, {step.successful}/{step.calls} ok, "
           f"{step.achieved:.0f} successful/s, {step.fail_pct:.2f}% failed, "
           f"{step.retransmissions} retransmissions, rt mean {step.rt_mean_ms:.1f} ms, "
-          f"p95 {R._ms(step.rt_p95_ms)} ms")
+          f"p95 {U.fmt_rtd(step.rt_p95_ms)} ms")
 
 
 def print_hb(h: dict) -> None:
@@ -371,8 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args._client:
         return client_main(args)
-    if shutil.which("sipp") is None:
-        print("heartbeat.py: sipp is not on PATH", file=sys.stderr)
+    if U.sipp_missing("heartbeat.py"):
         return 2
     if args.client is None:
         args.client = "wrk" if shutil.which("wrk") else "aiohttp"
@@ -381,13 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.port, args.sipp_port = U.free_port(2), U.free_port(2)
     http_port, admin_port = U.free_port(1), U.free_port(1)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="siphon-bench-heartbeat-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = U.make_workdir(args.workdir, "heartbeat")
     users_csv = workdir / "users.csv"
     creds = R.write_users(users_csv, args.users)
     config, log_path = workdir / "siphon.yaml", workdir / "events.db"
-    for stale in (log_path, Path(f"{log_path}-wal"), Path(f"{log_path}-shm")):
-        stale.unlink(missing_ok=True)
+    U.fresh_log(log_path)
     U.write_config(config, log_path=log_path, users=creds, udp_port=args.port,
                    admin_port=admin_port, log_level=args.log_level)
     with open(config, "a") as f:
@@ -399,13 +371,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print("siphon trunk heartbeat benchmark (built-in registry, embedded log) + SIPp REGISTER")
     print(f"  workdir {workdir}  [{U.disk_of(workdir)}]   cores {os.cpu_count()}, "
-          f"load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"load average {U.load_average()}")
     print(f"  REGISTER rate {args.rate}/s, {args.duration:.0f} s per phase; {args.trunks} trunks, "
           f"lease {args.lease_secs} s (event at most every {args.lease_secs / 3:.1f} s/trunk); "
           f"heartbeat clients: {client_desc(args)}")
     node = U.Siphon(config, workdir, admin_port)
     node.start()
-    print(f"  siphon pid {node.pid} ready in {node.ready_after:.2f}s")
+    U.print_ready(node, show_rss=False)
     try:
         codes = put_trunks(base, args.trunks, args.token)
         print(f"  PUT {args.trunks} trunks: {codes}")
@@ -480,12 +452,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.rate} REGISTER/s; in (c) the loop ran {est_c / 1e4:.0f}% of a core and "
           f"{c.achieved:.0f} REGISTER/s x {us_reg:.0f} us + {ch['per_s']:.0f} heartbeats/s x "
           f"{us_hb:.0f} us account for {used_c / 1e4:.0f}%")
-    print(f"  load average at the end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} "
+    print(f"  load average at the end: {U.load_average()} "
           f"(1 / 5 / 15 min; load of other jobs on this machine skews wall-clock rates)")
-    if args.keep or args.workdir:
-        print(f"  files kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    U.finish(args, workdir, indent="  ")
     return 0
 
 

@@ -41,9 +41,7 @@ BATCH = 10_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = U.arg_parser(__doc__)
     p.add_argument("--bindings", type=int, default=100_000, help="live bindings (100000)")
     p.add_argument("--skip-node", action="store_true", help="skip part 2 (siphon run)")
     p.add_argument("--idle", type=float, default=5.0,

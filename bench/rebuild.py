@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -70,9 +69,7 @@ class SlimExpired(msgspec.Struct, tag="binding.expired.v1", tag_field="type"):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = U.arg_parser(__doc__)
     p.add_argument("--events", type=int, default=1_000_000, help="events to write (1000000)")
     p.add_argument("--aors", type=int, default=100_000, help="distinct AoRs (100000)")
     p.add_argument("--batch", type=int, default=50_000,
@@ -98,50 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def generate(n: int, aors: int, seed: int):
-    """Yield ``n`` events simulating ~100k users' phones registering over a day.
-
-    Every event is consistent with the state built so far (refreshes and removals
-    name a live binding, expiries carry its expires_at), so applying them does real
-    work. Returns (via StopIteration.value) the counts per type.
-    """
-    from events.schema import BindingAdded, BindingExpired, BindingRefreshed, BindingRemoved
-
-    rnd = random.Random(seed)
-    t = time.time() - 86_400.0
-    live: dict[int, dict[str, tuple[U.Device, float]]] = {}
+    """Yield ``n`` events simulating ~100k users' phones registering over a day
+    (_util.registrar_events: each consistent with the state built so far, so applying
+    them does real work). Returns (via StopIteration.value) the counts per type."""
     counts = {"BindingAdded": 0, "BindingRefreshed": 0, "BindingRemoved": 0,
               "BindingExpired": 0}
-    made = 0
-    while made < n:
-        t += rnd.expovariate(20.0)  # ~20 events/s of simulated time
-        user = rnd.randrange(aors)
-        aor = U.aor_name(user)
-        devices = live.get(user)
-        r = rnd.random()
-        if not devices or (r > 0.97 and len(devices) < 3):
-            dev = U.Device(rnd, user)
-            b = U.make_binding(dev, t, rnd.choice((600, 1800, 3600)))
-            live.setdefault(user, {})[b.key] = (dev, b.expires_at)
-            ev = BindingAdded(ts=t, node=U.NODE, aor=aor, binding=b)
-        else:
-            key = rnd.choice(list(devices))
-            dev, expires_at = devices[key]
-            if r < 0.80:
-                b = U.make_binding(dev, t, rnd.choice((600, 1800, 3600)))
-                devices[key] = (dev, b.expires_at)
-                ev = BindingRefreshed(ts=t, node=U.NODE, aor=aor, binding=b)
-            elif r < 0.88:
-                del devices[key]
-                ev = BindingRemoved(ts=t, node=U.NODE, aor=aor, key=key, call_id=dev.call_id,
-                                    cseq=dev.cseq + 1, source=f"{dev.ip}:{dev.port}",
-                                    transport=dev.transport, user_agent=dev.ua)
-            else:
-                del devices[key]
-                ev = BindingExpired(ts=t, node=U.NODE, aor=aor, key=key, expires_at=expires_at)
-            if not devices:
-                del live[user]
+    for ev in U.registrar_events(n, aors, seed, start=time.time() - 86_400.0):
         counts[type(ev).__name__] += 1
-        made += 1
         yield ev
     return counts
 

@@ -20,12 +20,9 @@ Example:  python bench/register.py
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +32,6 @@ import _util as U
 
 SCENARIO = U.BENCH / "sipp" / "register_auth.xml"
 DEFAULT_RATES = "250,500,1000,1500,2000,2500,3000"
-RTD_BUCKETS = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 @dataclass
@@ -68,40 +64,22 @@ class Step:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] + " (see the module docstring / bench/README.md)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Needs sipp on PATH. Every step runs a fresh SIPp against the same siphon "
-               "node; the node's log starts empty.")
+    p = U.arg_parser(__doc__, see_readme=True,
+                     epilog="Needs sipp on PATH. Every step runs a fresh SIPp against the same "
+                            "siphon node; the node's log starts empty.")
     p.add_argument("--rates", default=DEFAULT_RATES,
                    help=f"comma-separated registrations/s to offer (default {DEFAULT_RATES})")
     p.add_argument("--duration", type=float, default=10.0,
                    help="seconds per step: SIPp sends rate*duration calls (default 10)")
     p.add_argument("--users", type=int, default=10_000, help="number of users (default 10000)")
-    p.add_argument("--fail-threshold", type=float, default=0.5,
-                   help="max failed calls in %% for a step to count as sustained (default 0.5)")
-    p.add_argument("--min-achieved", type=float, default=0.95,
-                   help="min achieved/offered ratio for a step to count as sustained "
-                        "(default 0.95)")
-    p.add_argument("--stop-after", type=int, default=2,
-                   help="stop after this many consecutive unsustained steps (default 2, 0=never)")
-    p.add_argument("--settle", type=float, default=3.0,
-                   help="seconds to wait between steps (default 3)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+    U.add_step_args(p)
+    p.add_argument("--log-level", default="info", choices=U.LOG_LEVELS,
                    help="siphon log level; 'info' (the example config's) also writes the "
                         "script's on_change log line per registration (default info)")
     p.add_argument("--group-commit-max", type=int, default=2000,
                    help="registrar.group_commit_max (default 2000, siphon's default)")
-    p.add_argument("--port", type=int, help="siphon UDP port (default: a free one)")
     p.add_argument("--sipp-port", type=int, help="SIPp UDP port (default: a free one)")
-    p.add_argument("--workdir", type=Path,
-                   help="directory for config, log and SIPp files (default: a temp dir, "
-                        "removed unless --keep)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--py-spy", type=int, metavar="RATE",
-                   help="record siphon with py-spy during the step at RATE and print the "
-                        "hottest functions (needs `pip install py-spy`)")
-    p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    U.add_common_args(p, port=True, py_spy=True)
     return p.parse_args(argv)
 
 
@@ -110,41 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def write_users(path: Path, users: int) -> dict[str, str]:
     creds = {f"user{i:05d}": "password" for i in range(users)}
-    with open(path, "w") as f:
-        f.write("SEQUENTIAL\n")
-        for name, pw in creds.items():
-            f.write(f"{name};[authentication username={name} password={pw}]\n")
+    U.write_sipp_users(path, creds, "password")
     return creds
-
-
-def rtd_ms(text: str) -> float:
-    """SIPp's ``HH:MM:SS:uuuuuu`` to milliseconds."""
-    try:
-        h, m, s, us = (int(x) for x in text.split(":"))
-    except ValueError:
-        return float("nan")
-    return ((h * 60 + m) * 60 + s) * 1000 + us / 1000
-
-
-def percentile_from_buckets(counts: list[int], q: float) -> float:
-    """Upper bound (ms) of the bucket holding quantile ``q`` (SIPp's repartition)."""
-    total = sum(counts)
-    if not total:
-        return float("nan")
-    seen = 0
-    for bound, n in zip((*RTD_BUCKETS, float("inf")), counts, strict=True):
-        seen += n
-        if seen >= q * total:
-            return bound
-    return float("inf")
-
-
-def read_stats(path: Path) -> dict[str, str]:
-    """The last row of SIPp's -trace_stat CSV as {column: value}."""
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    header = lines[0].rstrip(";").split(";")
-    last = lines[-1].rstrip(";").split(";")
-    return dict(zip(header, last, strict=False))
 
 
 def run_sipp(rate: int, calls: int, args: argparse.Namespace, workdir: Path,
@@ -163,102 +108,9 @@ def run_sipp(rate: int, calls: int, args: argparse.Namespace, workdir: Path,
     t0 = time.monotonic()
     with open(workdir / f"sipp_{rate}.out", "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
-        _, status, usage = os.wait4(proc.pid, 0)
+        rc, cpu = U.wait_rusage(proc)
     wall = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stats = read_stats(stf) if stf.exists() else {}
-    return proc.returncode, stats, wall, usage.ru_utime + usage.ru_stime
-
-
-# ---------------------------------------------------------------------------- py-spy
-
-
-def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
-    exe = shutil.which("py-spy")
-    if exe is None:
-        print("  (py-spy not found: pip install py-spy)")
-        return None
-    cmd = [exe, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
-           "--rate", str(SPY_RATE), "--format", "raw", "--threads", "--output", str(out)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-SPY_RATE = 250
-
-
-IDLE_LEAVES = {
-    # py-spy cannot always tell a thread waiting in C from a busy one: the event loop
-    # thread waiting in uvloop's epoll (or running uvloop's own C code) shows up as
-    # Runner.run itself, a pool thread waiting for work as _worker itself.
-    "event loop thread": "Runner.run (asyncio/runners.py)",
-    "other threads": "_worker (concurrent/futures/thread.py)",
-}
-
-
-def summarize_collapsed(path: Path, top: int = 25) -> str:
-    """Per thread group (event loop / worker threads): the functions with the most self
-    and inclusive samples and self samples per source file, from py-spy's raw output.
-    Shares are of the samples where Python code ran (see IDLE_LEAVES)."""
-    groups: dict[str, dict[str, dict[str, int]]] = {}
-    totals: dict[str, int] = {}
-    idle: dict[str, int] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        frames = stack.split(";")
-        if frames and frames[0].startswith("thread ("):
-            frames = frames[1:]
-        group = "event loop thread" if any("cmd_run" in f for f in frames) else "other threads"
-        names = [_frame_name(f) for f in frames]
-        if names[-1] == IDLE_LEAVES[group]:
-            idle[group] = idle.get(group, 0) + n
-            continue
-        g = groups.setdefault(group, {"self": {}, "incl": {}, "file": {}})
-        totals[group] = totals.get(group, 0) + n
-        g["self"][names[-1]] = g["self"].get(names[-1], 0) + n
-        file = names[-1].rsplit(" (", 1)[-1].rstrip(")")
-        g["file"][file] = g["file"].get(file, 0) + n
-        for name in set(names):
-            g["incl"][name] = g["incl"].get(name, 0) + n
-    if not totals:
-        return "  (no samples)"
-    out = []
-    for group in sorted(groups):
-        total = totals[group]
-        out.append(f"  == {group}: {total} samples in Python code "
-                   f"({idle.get(group, 0)} more in {IDLE_LEAVES[group].split()[0]} itself: "
-                   f"native code or waiting); shares are of the {total} ==")
-        g = groups[group]
-        out.append("  -- self, by function --")
-        for name, n in sorted(g["self"].items(), key=lambda kv: -kv[1])[:top]:
-            out.append(f"  {100 * n / total:5.1f}%  {name}")
-        out.append("  -- self, by source file --")
-        for name, n in sorted(g["file"].items(), key=lambda kv: -kv[1])[:15]:
-            out.append(f"  {100 * n / total:5.1f}%  {name}")
-        out.append("  -- inclusive --")
-        for name, n in sorted(g["incl"].items(), key=lambda kv: -kv[1]):
-            if n / total < 0.02 or len(out) > 400:
-                break
-            if name.split(" (")[0] in ("run", "_run_module_as_main", "main", "_run_code",
-                                       "<module>", "cmd_run", "Runner.run", "Thread.run",
-                                       "Thread._bootstrap", "Thread._bootstrap_inner"):
-                continue
-            out.append(f"  {100 * n / total:5.1f}%  {name}")
-    return "\n".join(out)
-
-
-def _frame_name(frame: str) -> str:
-    # py-spy raw frames look like "func (path/to/file.py:123)"
-    func, _, where = frame.partition(" (")
-    where = where.rstrip(")")
-    file = where.rsplit(":", 1)[0]
-    for marker in ("/work/main/", "site-packages/", "lib/python3"):
-        if marker in file:
-            file = file.split(marker, 1)[1]
-            break
-    return f"{func} ({file})"
+    return rc, U.read_sipp_stats(stf), wall, cpu
 
 
 # ---------------------------------------------------------------------------- main
@@ -266,20 +118,17 @@ def _frame_name(frame: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("sipp") is None:
-        print("register.py: sipp is not on PATH", file=sys.stderr)
+    if U.sipp_missing("register.py"):
         return 2
-    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    rates = U.parse_rates(args.rates)
     args.port = args.port or U.free_port(2)
     args.sipp_port = args.sipp_port or U.free_port(2)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="siphon-bench-register-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = U.make_workdir(args.workdir, "register")
     users_csv = workdir / "users.csv"
     creds = write_users(users_csv, args.users)
     config = workdir / "siphon.yaml"
     log_path = workdir / "events.db"
-    for stale in (log_path, Path(f"{log_path}-wal"), Path(f"{log_path}-shm")):
-        stale.unlink(missing_ok=True)
+    U.fresh_log(log_path)
     admin_port = U.free_port(1)
     U.write_config(config, log_path=log_path, users=creds, udp_port=args.port,
                    admin_port=admin_port, min_expires=10, log_level=args.log_level,
@@ -292,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  scenario  {SCENARIO}   users {args.users}   cores {os.cpu_count()}")
     node = U.Siphon(config, workdir, admin_port)
     node.start()
-    print(f"  siphon pid {node.pid} ready in {node.ready_after:.2f}s, "
-          f"RSS {U.fmt_bytes(U.rss(node.pid))}")
+    U.print_ready(node)
     print("  CPU columns are % of one core over the step; 'loop us/reg' = event-loop thread "
           "CPU per successful registration;\n  'other' = CPU used by everything else on the "
           "machine during the step")
@@ -314,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             spy = None
             if args.py_spy == rate:
-                spy = start_py_spy(node.pid, args.duration, workdir / f"py-spy_{rate}.txt")
+                spy = U.start_py_spy(node.pid, args.duration, workdir / f"py-spy_{rate}.txt")
             rc, st, wall, sipp_cpu = run_sipp(rate, calls, args, workdir, users_csv)
             cpu1, thr1 = U.cpu_seconds(node.pid), U.thread_cpu(node.pid)
             busy = U.system_busy() - busy0
@@ -336,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  (siphon CPU over the step from /proc: event loop thread "
                       f"{step.siphon_loop_pct:.0f}%, other threads {step.siphon_threads_pct:.0f}%"
                       f" of one core)")
-                print(summarize_collapsed(workdir / f"py-spy_{rate}.txt"))
+                print(U.summarize_by_role(workdir / f"py-spy_{rate}.txt"))
                 print()
             unsustained = 0 if step.sustained else unsustained + 1
             if args.stop_after and unsustained >= args.stop_after:
@@ -366,12 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if peak is not None:
         print(f"highest achieved rate in any step: {peak.achieved:.0f} successful/s "
               f"(offered {peak.rate}/s, {peak.fail_pct:.2f}% failed)")
-    if args.json:
-        args.json.write_text(json.dumps([asdict(s) for s in steps], indent=2))
-    if args.keep or args.workdir:
-        print(f"files kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    U.finish(args, workdir, [asdict(s) for s in steps])
     return 0
 
 
@@ -379,30 +222,23 @@ def make_step(rate: int, calls: int, rc: int, st: dict[str, str], wall: float,
               sipp_cpu: float, siphon_cpu: float, loop_cpu: float, thr_cpu: float,
               window: float, status: dict[str, int], busy: float) -> Step:
     def num(name: str) -> int:
-        try:
-            return int(float(st.get(name, "0") or 0))
-        except ValueError:
-            return 0
+        return U.stat_int(st, name)
 
     ok, failed, created = num("SuccessfulCall(C)"), num("FailedCall(C)"), num("OutgoingCall(C)")
     # Calls SIPp never finished (e.g. killed) count as failed too.
     failed = max(failed, calls - ok) if rc != 0 else failed
-    try:
-        elapsed = float(st["CurrentTime"].split("\t")[-1]) - float(st["StartTime"].split("\t")[-1])
-    except (KeyError, ValueError):
-        elapsed = wall
+    elapsed = U.sipp_elapsed(st, wall)
     elapsed = elapsed if elapsed > 0 else wall
-    buckets = [num(f"ResponseTimeRepartitionreg_<{b}") for b in RTD_BUCKETS]
-    buckets.append(num(f"ResponseTimeRepartitionreg_>={RTD_BUCKETS[-1]}"))
+    buckets = U.rtd_buckets(st)
     return Step(
         rate=rate, calls=calls, sipp_rc=rc, successful=ok, failed=failed, created=created,
         elapsed=elapsed, achieved=ok / elapsed, fail_pct=100.0 * failed / max(1, calls),
         retransmissions=num("Retransmissions(C)"), timeouts=num("FailedTimeoutOnRecv(C)")
         + num("FailedMaxUDPRetrans(C)"), unexpected=num("FailedUnexpectedMessage(C)"),
-        rt_mean_ms=rtd_ms(st.get("ResponseTimereg(C)", "")),
-        rt_p50_ms=percentile_from_buckets(buckets, 0.50),
-        rt_p95_ms=percentile_from_buckets(buckets, 0.95),
-        rt_p99_ms=percentile_from_buckets(buckets, 0.99),
+        rt_mean_ms=U.rtd_ms(st.get("ResponseTimereg(C)", "")),
+        rt_p50_ms=U.percentile_from_buckets(buckets, 0.50),
+        rt_p95_ms=U.percentile_from_buckets(buckets, 0.95),
+        rt_p99_ms=U.percentile_from_buckets(buckets, 0.99),
         siphon_cpu_pct=100 * siphon_cpu / window, siphon_loop_pct=100 * loop_cpu / window,
         siphon_threads_pct=100 * thr_cpu / window, sipp_cpu_pct=100 * sipp_cpu / wall,
         siphon_rss=status.get("VmRSS", 0), siphon_hwm=status.get("VmHWM", 0),
@@ -411,16 +247,10 @@ def make_step(rate: int, calls: int, rc: int, st: dict[str, str], wall: float,
     )
 
 
-def _ms(v: float) -> str:
-    if v != v:  # nan
-        return "-"
-    return ">5s" if v == float("inf") else f"<{v:.0f}" if v in RTD_BUCKETS else f"{v:.1f}"
-
-
 def print_step(s: Step) -> None:
     print(f"{s.rate:>9} {s.calls:>6} {s.achieved:>7.0f} {s.fail_pct:>6.2f} "
-          f"{s.retransmissions:>6} {s.rt_mean_ms:>6.1f}ms {_ms(s.rt_p50_ms):>6} "
-          f"{_ms(s.rt_p95_ms):>6} {_ms(s.rt_p99_ms):>6}  {s.siphon_cpu_pct:>9.0f}% "
+          f"{s.retransmissions:>6} {s.rt_mean_ms:>6.1f}ms {U.fmt_rtd(s.rt_p50_ms):>6} "
+          f"{U.fmt_rtd(s.rt_p95_ms):>6} {U.fmt_rtd(s.rt_p99_ms):>6}  {s.siphon_cpu_pct:>9.0f}% "
           f"{f'({s.siphon_loop_pct:.0f}+{s.siphon_threads_pct:.0f})':>11} "
           f"{s.loop_us_per_reg:>11.0f} "
           f"{s.sipp_cpu_pct:>7.0f}% {s.other_cpu_pct:>5.0f}% {U.fmt_bytes(s.siphon_rss):>9}  "

@@ -68,17 +68,13 @@ async def run(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="siphon-bench-sip-path-"))
     users = {f"user{i:05d}": "password" for i in range(10_000)}
     cfg_path = work / "siphon.yaml"
-    write_config(cfg_path, log_path=work / "events.db", users=users, udp_port=0,
-                 admin_port=0, log_level="warning", script=EXAMPLE_SCRIPT)
+    backend: dict = {}
     if args.kafka:  # the same node on the Kafka backend, fresh topic
         topic = f"bench-sip-path-{uuid.uuid4().hex[:8]}"
-        text = cfg_path.read_text().replace("  backend: embedded\n", (
-            "  backend: kafka\n  kafka:\n"
-            f'    bootstrap_servers: ["{args.kafka}"]\n    topic: "{topic}"\n'
-            f"    partitions: 6\n"), 1)
-        cfg_path.write_text(text)
-    text = cfg_path.read_text().replace('listen: "127.0.0.1:0"', 'listen: "127.0.0.1:0"')
-    cfg_path.write_text(text)
+        backend = {"backend": "kafka",
+                   "kafka": {"bootstrap": args.kafka, "topic": topic, "partitions": 6}}
+    write_config(cfg_path, log_path=work / "events.db", users=users, udp_port=0,
+                 admin_port=0, log_level="warning", script=EXAMPLE_SCRIPT, **backend)
     logging.basicConfig(level=logging.WARNING)
     node = Node(load_config(cfg_path))
     await node.start()
