@@ -69,8 +69,9 @@ def add_parser(sub: Any) -> None:
                            description="Ingest every record appended since the last sync.")
     sync.add_argument("-c", "--config", default="siphon.yaml", help="config file (siphon.yaml)")
     db_arg(sync)
-    sync.add_argument("--batch", type=int, default=250_000,
-                      help="records per transaction (default 250000)")
+    sync.add_argument("--batch", type=int, default=245_760,
+                      help="records per transaction (default 245760: two DuckDB row "
+                           "groups, which are then written once, compressed)")
     sync.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     sync.set_defaults(audit_func=cmd_sync)
 
@@ -79,14 +80,15 @@ def add_parser(sub: Any) -> None:
                                          "The database is held only while writing.")
     follow.add_argument("-c", "--config", default="siphon.yaml", help="config file")
     db_arg(follow)
-    follow.add_argument("--batch", type=int, default=250_000,
-                        help="most records per transaction (default 250000)")
+    follow.add_argument("--batch", type=int, default=245_760,
+                        help="most records per transaction (default 245760)")
     follow.set_defaults(audit_func=cmd_follow)
 
     sql = cmds.add_parser("sql", help="run a read-only SQL query",
                           description="Run SQL on the audit database (opened read only). "
                                       "Tables: events_raw, binding_sessions_closed, "
-                                      "binding_open, trunk_leases_closed, trunk_open; views: "
+                                      "binding_open, audit_aors, trunk_leases_closed, "
+                                      "trunk_open; views: "
                                       "events, binding_sessions, trunk_leases, event_log, "
                                       "unknown_events, event_counts, active_bindings, "
                                       "lapsed_bindings, churn_hourly, aor_totals.")

@@ -1,15 +1,17 @@
 """The audit projector: log records -> DuckDB tables, exactly once.
 
-Each batch is one DuckDB transaction that inserts the raw rows, advances the derived
-tables (binding sessions, trunk leases) and stores the next log position. A crash
-or Ctrl-C anywhere before COMMIT leaves the database as it was; the next run starts
-from the stored position. So no record is ever counted twice or skipped.
+Each batch is one DuckDB transaction that inserts the raw rows and stores the next
+log position; the derived tables (binding sessions, trunk leases) advance in the
+same transaction, or (while catching up) in one every few million records, each
+storing the position it reached (see :class:`AuditProjector`). A crash or Ctrl-C
+anywhere before COMMIT leaves the database as it was; the next run starts from the
+stored positions. So no record is ever counted twice or skipped.
 
-Ingestion is set-based: the batch's payloads go to DuckDB as one BLOB (records
-joined by newlines, which stored JSON never contains), DuckDB splits and parses them
-(``json_transform``), and the session state machine runs as window functions over
-the batch plus the bindings open before it (``binding_open``). Python never touches
-a row, except trunk events (rare: a few per trunk and minute), applied in Python.
+Ingestion is set-based: the batch's payloads go to DuckDB as a NumPy object array,
+DuckDB parses them (``json_transform``, every field to a typed column), and the
+session state machine runs as window functions over the new records plus the
+bindings open before them (``binding_open``). Python never touches a row, except
+trunk events (rare: a few per trunk and minute), applied in Python.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 
 from events.log import Position
 from projections.duckdb.schema import (
@@ -109,12 +111,20 @@ def _t(expr: str) -> str:
     return f"make_timestamp(CAST(round(({expr}) * 1e6) AS BIGINT))"
 
 
+_BINDING_STRUCT = (
+    '{"key":"VARCHAR","uri":"VARCHAR","expires_at":"DOUBLE","q":"DOUBLE","call_id":"VARCHAR",'
+    '"cseq":"BIGINT","source":"VARCHAR","transport":"VARCHAR","local":"VARCHAR",'
+    '"conn_id":"VARCHAR","instance":"VARCHAR","reg_id":"BIGINT","path":["VARCHAR"],'
+    '"params":[["VARCHAR"]],"user_agent":"VARCHAR","registered_at":"DOUBLE","node":"VARCHAR"}'
+)
 _STRUCT = (
     '{"type":"VARCHAR","ts":"DOUBLE","node":"VARCHAR","aor":"VARCHAR","key":"VARCHAR",'
-    '"expires_at":"DOUBLE","trunk_id":"VARCHAR","lease_expires_at":"DOUBLE",'
-    '"binding":{"key":"VARCHAR","expires_at":"DOUBLE"}}'
+    '"expires_at":"DOUBLE","reason":"VARCHAR","call_id":"VARCHAR","cseq":"BIGINT",'
+    '"source":"VARCHAR","transport":"VARCHAR","user_agent":"VARCHAR","trunk_id":"VARCHAR",'
+    '"lease_expires_at":"DOUBLE","trunk":"JSON","replaced":"BOOLEAN",'
+    f'"binding":{_BINDING_STRUCT}}}'
 )
-"""The fields the projector itself needs (the others stay in the JSON: ``events`` view)."""
+"""Every field of every known event type (``events.schema``), as ``events_raw`` columns."""
 
 
 def _known_expr() -> str:
@@ -141,22 +151,26 @@ _KNOWN_LIST = ", ".join(f"'{t}'" for t in KNOWN_TYPES)
 
 # _src(log_partition, log_offset, j, x): the payload text and its parse -> an events_raw row.
 _ROW_SELECT = f"""
-SELECT log_partition, log_offset, x.type, {_known_expr()}, x.ts, x.node, x.aor,
-       COALESCE(x.binding.key, x.key), COALESCE(x.binding.expires_at, x.expires_at),
-       x.trunk_id, j,
-       CASE WHEN j IS NULL THEN 'payload is not UTF-8'
+SELECT log_partition, log_offset, x.type, known, x.ts, x.node, x.aor,
+       COALESCE(x.binding.key, x.key), x.binding.uri,
+       COALESCE(x.binding.expires_at, x.expires_at), x.binding.q,
+       COALESCE(x.binding.call_id, x.call_id), COALESCE(x.binding.cseq, x.cseq),
+       COALESCE(x.binding.source, x.source), COALESCE(x.binding.transport, x.transport),
+       x.binding.local, x.binding.conn_id, x.binding.instance, x.binding.reg_id,
+       x.binding.path, x.binding.params, COALESCE(x.binding.user_agent, x.user_agent),
+       x.binding.registered_at, x.binding.node, x.reason, x.trunk_id, x.lease_expires_at,
+       x.trunk, x.replaced,
+       CASE WHEN NOT known THEN j END,
+       CASE WHEN known THEN NULL
+            WHEN j IS NULL THEN 'payload is not UTF-8'
             WHEN x IS NULL THEN 'payload is not a JSON object'
             WHEN x.type IS NULL AND json_type(j) <> 'OBJECT' THEN 'payload is not a JSON object'
             WHEN x.type IS NULL THEN 'no event type'
             WHEN x.type NOT IN ({_KNOWN_LIST}) THEN 'unknown event type'
-            WHEN NOT {_known_expr()} THEN 'missing or mistyped fields for ' || x.type
+            ELSE 'missing or mistyped fields for ' || x.type
        END
-FROM _src
+FROM (SELECT *, {_known_expr()} AS known FROM _src)
 """
-
-_CSV = ("read_csv(?, columns={'j': 'VARCHAR'}, delim=chr(1), quote='', escape='', "
-        "header=false, auto_detect=false, new_line='\\n', nullstr=chr(2), "
-        "max_line_size=1073741824, strict_mode=false) WITH ORDINALITY")
 
 _BINDING_LIST = ", ".join(f"'{t}'" for t in BINDING_TYPES)
 
@@ -174,8 +188,7 @@ WITH bev AS (
            CASE type WHEN 'binding.added.v1' THEN 'A' WHEN 'binding.refreshed.v1' THEN 'R'
                      WHEN 'binding.removed.v1' THEN 'D' ELSE 'X' END AS k,
            expires_at,
-           CASE WHEN type = 'binding.removed.v1'
-                THEN COALESCE(json_extract_string(json, '$.reason'), 'deregistered') END
+           CASE WHEN type = 'binding.removed.v1' THEN COALESCE(reason, 'deregistered') END
                AS reason
     FROM events_raw WHERE ({{batch}}) AND known AND type IN ({_BINDING_LIST})
 ), s AS (
@@ -242,23 +255,21 @@ WITH s1 AS (
                         WHEN next_starts THEN 'expired' ELSE '' END, seg) AS end_reason
     FROM s1 GROUP BY h, session_no
 ), fresh AS (  -- attributes of sessions started in this batch, from their first event
-    SELECT (CAST(log_partition AS BIGINT) << 48) + log_offset AS pos, aor, key,
-           json_extract_string(json, ['$.binding.uri', '$.binding.instance',
-               '$.binding.source', '$.binding.transport', '$.binding.user_agent',
-               '$.binding.node']) AS a,
-           node
+    SELECT (CAST(log_partition AS BIGINT) << 48) + log_offset AS pos, aor, key, uri,
+           instance, source, transport, user_agent, binding_node, node
     FROM events_raw
     WHERE ({{batch}}) AND type IN ('binding.added.v1', 'binding.refreshed.v1')
           AND pos IN (SELECT first_pos FROM s2)
 )
 SELECT s2.*, COALESCE(c.session_id, s2.first_pos) AS session_id,
-       COALESCE(c.aor, b.aor) AS aor, COALESCE(c.binding_key, b.key) AS key,
-       COALESCE(c.contact_uri, b.a[1]) AS contact_uri,
-       COALESCE(c.instance, b.a[2], '') AS instance,
-       COALESCE(c.source, b.a[3], '') AS source,
-       COALESCE(c.transport, b.a[4], 'udp') AS transport,
-       COALESCE(c.user_agent, b.a[5], '') AS user_agent,
-       COALESCE(c.node, NULLIF(b.a[6], ''), b.node) AS node,
+       COALESCE(c.aor, b.aor) AS aor, COALESCE(c.aor_id, ids.aor_id) AS aor_id,
+       COALESCE(c.binding_key, b.key) AS key,
+       COALESCE(c.contact_uri, b.uri) AS contact_uri,
+       COALESCE(c.instance, b.instance, '') AS instance,
+       COALESCE(c.source, b.source, '') AS source,
+       COALESCE(c.transport, b.transport, 'udp') AS transport,
+       COALESCE(c.user_agent, b.user_agent, '') AS user_agent,
+       COALESCE(c.node, NULLIF(b.binding_node, ''), b.node) AS node,
        COALESCE(c.started_at, {_t('s2.first_ts')}) AS started_at,
        COALESCE(c.started_by, CASE s2.first_k WHEN 'A' THEN 'added' ELSE 'refreshed' END)
            AS started_by,
@@ -266,34 +277,124 @@ SELECT s2.*, COALESCE(c.session_id, s2.first_pos) AS session_id,
 FROM s2
 LEFT JOIN binding_open c ON s2.first_k = 'C' AND c.h = s2.h
 LEFT JOIN fresh b ON s2.first_k <> 'C' AND b.pos = s2.first_pos
+LEFT JOIN audit_aors ids ON ids.aor = b.aor
 """
 
+# New AoRs get the next ids, in order of their first binding event (so the ids do not
+# depend on how the log was cut into batches).
+_NEW_AORS = """
+INSERT INTO audit_aors
+SELECT (SELECT COALESCE(max(aor_id), 0) FROM audit_aors) + row_number() OVER (ORDER BY first),
+       aor
+FROM (SELECT aor, min((CAST(log_partition AS BIGINT) << 48) + log_offset) AS first
+      FROM events_raw
+      WHERE ({batch}) AND known AND type IN ('binding.added.v1', 'binding.refreshed.v1')
+      GROUP BY aor) n
+WHERE NOT EXISTS (SELECT 1 FROM audit_aors a WHERE a.aor = n.aor)
+"""
+
+# cover_from (see schema) of the sessions written now and of those after them, per
+# touched AoR: from t0 (the earliest start among the sessions written now) on, the
+# sessions are ordered again and each one's cover_from is the running max of the ends
+# before it (the sessions ending before t0 cannot reach a session starting at t0 or
+# later; those straddling t0 seed the running max).
+_COVER = """
+CREATE OR REPLACE TEMP TABLE _cov AS
+WITH w AS (
+    SELECT aor_id, session_id, epoch_us(started_at) AS a,
+           CAST(round(CASE WHEN end_ts > -1e300 THEN least(end_ts, last_exp)
+                           ELSE last_exp END * 1e6) AS BIGINT) AS b,
+           'w' AS src
+    FROM _sess
+), t0 AS (
+    SELECT aor_id, min(a) AS t0 FROM w GROUP BY aor_id
+), ex AS (  -- sessions already stored, of the touched AoRs, that may reach t0
+    SELECT c.aor_id, c.session_id, epoch_us(c.started_at) AS a, epoch_us(c.ended_at) AS b,
+           epoch_us(c.cover_from) AS old_cover, 'c' AS src, t0.t0
+    FROM binding_sessions_closed c JOIN t0 USING (aor_id)
+    WHERE c.ended_at >= make_timestamp((SELECT min(t0) FROM t0)) AND epoch_us(c.ended_at) >= t0.t0
+    UNION ALL
+    SELECT o.aor_id, o.session_id, epoch_us(o.started_at), epoch_us(o.expires_at),
+           epoch_us(o.cover_from), 'o', t0.t0
+    FROM binding_open o JOIN t0 USING (aor_id)
+    WHERE o.h NOT IN (SELECT DISTINCT h FROM _seg) AND epoch_us(o.expires_at) >= t0.t0
+), seed AS (
+    SELECT aor_id, max(b) AS seed FROM ex WHERE a < t0 GROUP BY aor_id
+), cand AS (
+    SELECT aor_id, session_id, a, b, NULL::BIGINT AS old_cover, src FROM w
+    UNION ALL
+    SELECT aor_id, session_id, a, b, old_cover, src FROM ex WHERE a >= t0
+)
+SELECT session_id, src, old_cover,
+       greatest(a, COALESCE(seed.seed, a),
+                COALESCE(max(b) OVER (PARTITION BY aor_id ORDER BY a, b, session_id
+                                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), a))
+           AS cover
+FROM cand LEFT JOIN seed USING (aor_id)
+"""
+
+# (the sessions with their cover_from are materialised first: inserted from a plain
+# table scan, whole row groups are compressed and written by the insert itself)
 _WRITE_SESSIONS = [
+    """
+CREATE OR REPLACE TEMP TABLE _sessc AS
+SELECT s.*, v.cover FROM _sess s JOIN _cov v ON v.src = 'w' AND v.session_id = s.session_id
+""",
     f"""
 INSERT INTO binding_sessions_closed
-SELECT session_id, aor, key, contact_uri, instance, source, transport, user_agent, node,
-       started_at, started_by, refresh_count, {_t('last_exp')},
+SELECT session_id, aor, aor_id, key, contact_uri, instance, source, transport, user_agent,
+       node, started_at, started_by, refresh_count, {_t('last_exp')}, make_timestamp(cover),
        {_t('least(end_ts, last_exp)')}, end_reason, {_t('end_ts')}
-FROM _sess WHERE end_ts > -1e300
+FROM _sessc WHERE end_ts > -1e300
+""",
+    """
+UPDATE binding_sessions_closed c SET cover_from = make_timestamp(v.cover)
+FROM _cov v WHERE v.src = 'c' AND v.session_id = c.session_id AND v.cover <> v.old_cover
+""",
+    """
+UPDATE binding_open o SET cover_from = make_timestamp(v.cover)
+FROM _cov v WHERE v.src = 'o' AND v.session_id = o.session_id AND v.cover <> v.old_cover
 """,
     "DELETE FROM binding_open o USING (SELECT DISTINCT h FROM _seg) t WHERE o.h = t.h",
     f"""
 INSERT INTO binding_open
-SELECT session_id, aor, key, contact_uri, instance, source, transport, user_agent, node,
-       started_at, started_by, refresh_count, {_t('last_exp')}, h, last_pos, last_ts,
-       last_exp
-FROM _sess WHERE end_ts = -1e300
+SELECT session_id, aor, aor_id, key, contact_uri, instance, source, transport, user_agent,
+       node, started_at, started_by, refresh_count, {_t('last_exp')}, make_timestamp(cover),
+       h, last_pos, last_ts, last_exp
+FROM _sessc WHERE end_ts = -1e300
 """,
 ]
 
 _TRUNK_LIST = ", ".join(f"'{t}'" for t in TRUNK_TYPES)
 
 
-class AuditProjector:
-    """Writes raw batches into an open audit database (one transaction per batch)."""
+def _drop(con: duckdb.DuckDBPyConnection, *tables: str) -> None:
+    """Drop work tables; after a failed statement the transaction is aborted and its
+    rollback removes them anyway (so an error here must not hide the first one)."""
+    for table in tables:
+        try:
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+        except duckdb.Error:
+            return
 
-    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+
+class AuditProjector:
+    """Writes raw batches into an open audit database (one transaction per batch).
+
+    The derived tables (sessions, leases) take in the new records in the same
+    transaction as the raw rows (``derive_every = 0``, the default: what ``follow``
+    does), or, while catching up, once at least ``derive_every`` records are waiting
+    and at the end (:meth:`derive`): the set-based state machine costs much less per
+    record over a few million records than over each batch. Either way each
+    transaction stores the position it brought its tables to (``audit_position`` for
+    ``events_raw``, ``audit_derived`` for the derived tables), so an interruption
+    anywhere loses nothing and counts nothing twice; what was not derived yet is
+    derived by the next run.
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, *, derive_every: int = 0) -> None:
         self.con = con
+        self.derive_every = derive_every
         self.fail_after_events: Callable[[], None] | None = None
         """Test hook: called inside the transaction after the raw rows are inserted."""
         self._lock = threading.Lock()
@@ -304,6 +405,16 @@ class AuditProjector:
         """Next offset to ingest per partition (empty: nothing ingested yet)."""
         rows = self.con.execute("SELECT log_partition, next_offset FROM audit_position").fetchall()
         return {int(p): int(o) for p, o in rows}
+
+    def derived_position(self) -> Position:
+        """Next offset the derived tables have to take in, per partition."""
+        rows = self.con.execute("SELECT log_partition, next_offset FROM audit_derived").fetchall()
+        return {int(p): int(o) for p, o in rows}
+
+    def pending(self) -> int:
+        """Records in ``events_raw`` not yet taken into the derived tables."""
+        derived = self.derived_position()
+        return sum(max(0, n - derived.get(p, 0)) for p, n in self.position().items())
 
     def check_source(self, identity: str) -> None:
         """Bind the database to one log; refuse to feed it from another."""
@@ -325,7 +436,8 @@ class AuditProjector:
     # -- one batch -------------------------------------------------------------------
 
     def write(self, batch: RawBatch) -> None:
-        """Ingest ``batch`` and advance the stored position, atomically."""
+        """Ingest ``batch`` and advance the stored position, atomically (and the derived
+        tables, when ``derive_every`` records or more wait, or it is 0)."""
         if not len(batch):
             return
         with self._lock:
@@ -336,15 +448,11 @@ class AuditProjector:
                 self._insert_raw(batch)
                 if self.fail_after_events is not None:
                     self.fail_after_events()
-                where = self._batch_filter(batch)
-                con.execute(_SEGMENTS.replace("{batch}", where))
-                con.execute(_SESSIONS.replace("{batch}", where))
-                for sql in _WRITE_SESSIONS:
-                    con.execute(sql)
-                self._trunks(where)
                 for part, nxt in batch.end().items():
                     con.execute("INSERT OR REPLACE INTO audit_position VALUES (?, ?)",
                                 [part, nxt])
+                if self.derive_every <= 0 or self.pending() >= self.derive_every:
+                    self._derive()
                 con.execute("COMMIT")
             except BaseException:
                 try:
@@ -352,24 +460,47 @@ class AuditProjector:
                 except duckdb.Error:
                     pass
                 raise
-            finally:
-                for table in ("_seg", "_sess"):
-                    con.execute(f"DROP TABLE IF EXISTS {table}")
 
-    @staticmethod
-    def _batch_filter(batch: RawBatch) -> str:
-        """SQL condition selecting exactly the batch's rows of ``events_raw``: offsets at
-        or past the stored position are this batch's (zone maps skip older row groups)."""
-        if isinstance(batch.partitions, int):
-            assert isinstance(batch.offsets, range)
-            return (f"log_partition = {int(batch.partitions)} AND log_offset BETWEEN "
-                    f"{batch.offsets.start} AND {batch.offsets.stop - 1}")
-        bounds: dict[int, list[int]] = {}
-        for p, o in zip(batch.partitions, batch.offsets, strict=True):
-            b = bounds.setdefault(p, [o, o])
-            b[0], b[1] = min(b[0], o), max(b[1], o)
-        return " OR ".join(f"(log_partition = {int(p)} AND log_offset BETWEEN {lo} AND {hi})"
-                           for p, (lo, hi) in bounds.items())
+    def derive(self) -> int:
+        """Bring the derived tables up to ``events_raw`` (one transaction); returns how
+        many records they took in."""
+        with self._lock:
+            con = self.con
+            con.execute("BEGIN")
+            try:
+                n = self._derive()
+                con.execute("COMMIT")
+                return n
+            except BaseException:
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass
+                raise
+
+    def _derive(self) -> int:
+        """Sessions and leases from the records past ``audit_derived`` (in a transaction)."""
+        con = self.con
+        end, start = self.position(), self.derived_position()
+        todo = {p: (start.get(p, 0), n) for p, n in end.items() if n > start.get(p, 0)}
+        if not todo:
+            return 0
+        where = " OR ".join(
+            f"(log_partition = {int(p)} AND log_offset BETWEEN {lo} AND {hi - 1})"
+            for p, (lo, hi) in sorted(todo.items()))
+        try:
+            con.execute(_SEGMENTS.replace("{batch}", where))
+            con.execute(_NEW_AORS.replace("{batch}", where))
+            con.execute(_SESSIONS.replace("{batch}", where))
+            con.execute(_COVER)
+            for sql in _WRITE_SESSIONS:
+                con.execute(sql)
+        finally:
+            _drop(con, "_seg", "_sess", "_cov", "_sessc")
+        self._trunks(where)
+        for part, (_, nxt) in todo.items():
+            con.execute("INSERT OR REPLACE INTO audit_derived VALUES (?, ?)", [part, nxt])
+        return sum(hi - lo for lo, hi in todo.values())
 
     def _check_continues(self, batch: RawBatch) -> None:
         """Refuse a batch that does not start where the stored position is (a second
@@ -392,59 +523,43 @@ class AuditProjector:
                     f"database is at {expected} (another process ingesting the same log?)")
 
     def _insert_raw(self, batch: RawBatch) -> None:
-        """Insert the batch's ``events_raw`` rows, parsed by DuckDB (in parallel).
+        """Insert the batch's ``events_raw`` rows, parsed by DuckDB (``json_transform``).
 
-        Fast path: the payloads go to a temporary file, one per line, read back with
-        ``read_csv ... WITH ORDINALITY`` (line number -> offset). It needs every payload
-        to be a one-line UTF-8 JSON object text; otherwise (rare: foreign or damaged
-        records) the batch goes as a list of BLOBs, each checked on its own.
+        The payloads reach DuckDB as a NumPy object array (scanned without a copy per
+        row in Python), with the partition and offset arrays beside them. A payload
+        that is not UTF-8 or not JSON is not an error (``try``): it is kept, with
+        ``error`` saying why.
         """
         con = self.con
-        payloads = batch.payloads
-        blob = b"\n".join(payloads)
-        n = len(payloads)
+        n = len(batch)
         if isinstance(batch.partitions, int):
             assert isinstance(batch.offsets, range)
-            ids = (f"{int(batch.partitions)} AS log_partition, "
-                   f"{batch.offsets.start} + ordinality - 1 AS log_offset")
-            ids_params: list[Any] = []
-            lists = ""
-            lines = _CSV
-        else:  # several partitions (Kafka): line number -> (partition, offset) by a join
-            ids = "log_partition, log_offset"
-            ids_params = [batch.partitions, batch.offsets]
-            lists = ", unnest(?::INTEGER[]) AS log_partition, unnest(?::BIGINT[]) AS log_offset"
-            lines = (f"{_CSV} JOIN (SELECT unnest(?::INTEGER[]) AS log_partition, "
-                     "unnest(?::BIGINT[]) AS log_offset, generate_subscripts(?::BIGINT[], 1) "
-                     "AS i) ids ON ids.i = ordinality")
-        one_line = (blob.startswith(b"{") and blob.count(b"\n{") == n - 1
-                    and blob.count(b"\n") == n - 1 and b"\r" not in blob
-                    and b"\x01" not in blob and b"\x02" not in blob)
-        if one_line:
-            fd, tmp = tempfile.mkstemp(prefix="siphon-audit-", suffix=".ndjson")
+            parts = np.full(n, batch.partitions, dtype=np.int32)
+            offsets = np.arange(batch.offsets.start, batch.offsets.stop, dtype=np.int64)
+        else:
+            parts = np.asarray(batch.partitions, dtype=np.int32)
+            offsets = np.asarray(batch.offsets, dtype=np.int64)
+        payloads = np.empty(n, dtype=object)
+        payloads[:] = batch.payloads
+        con.register("_audit_batch", {"log_partition": parts, "log_offset": offsets,
+                                      "b": payloads})
+        try:
+            # parsed into a temporary table first: then the insert compresses and writes
+            # whole row groups (inserting straight from the scan leaves that work to a
+            # checkpoint, which costs more)
+            con.execute(f"""
+                CREATE OR REPLACE TEMP TABLE _raw AS
+                WITH _src AS (SELECT log_partition, log_offset, j,
+                                     try(json_transform(j, '{_STRUCT}')) AS x
+                              FROM (SELECT *, try(decode(b)) AS j FROM _audit_batch))
+                {_ROW_SELECT}""")
+            con.execute("INSERT INTO events_raw SELECT * FROM _raw")
+        finally:
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(blob)
-                params = [tmp, *ids_params, batch.offsets] if ids_params else [tmp]
-                con.execute(f"""
-                    INSERT INTO events_raw
-                    WITH _src AS (SELECT {ids}, j, json_transform(j, '{_STRUCT}') AS x
-                                  FROM {lines})
-                    {_ROW_SELECT}""", params)
-                return
-            except duckdb.Error:
-                pass  # bad UTF-8 or JSON somewhere: the careful way below
-            finally:
-                os.unlink(tmp)
-        con.execute(f"""
-            INSERT INTO events_raw
-            WITH _b AS (SELECT unnest(?::BLOB[]) AS b, generate_subscripts(?::BLOB[], 1)
-                               AS ordinality {lists}),
-                 _src AS (SELECT {ids}, j,
-                                 CASE WHEN json_valid(j) THEN json_transform(j, '{_STRUCT}')
-                                 END AS x
-                          FROM (SELECT try(decode(b)) AS j, * FROM _b))
-            {_ROW_SELECT}""", [payloads, payloads, *ids_params])
+                con.unregister("_audit_batch")
+            except duckdb.Error:  # transaction aborted: its rollback drops the view
+                pass
+            _drop(con, "_raw")
 
     # -- trunks (rare events: applied in Python, like projections.trunks) -----------
 
@@ -452,9 +567,8 @@ class AuditProjector:
         con = self.con
         rows = con.execute(f"""
             SELECT (CAST(log_partition AS BIGINT) << 48) + log_offset AS pos, type, ts,
-                   trunk_id, CAST(json_extract(json, '$.lease_expires_at') AS DOUBLE), node,
-                   json_extract_string(json, '$.trunk.sip_uri'),
-                   json_extract_string(json, '$.trunk.transport')
+                   trunk_id, lease_expires_at, node, json_extract_string(trunk, '$.sip_uri'),
+                   json_extract_string(trunk, '$.transport')
             FROM events_raw WHERE ({where}) AND known AND type IN ({_TRUNK_LIST})
             ORDER BY pos""").fetchall()
         if not rows:

@@ -49,28 +49,25 @@ WITH s AS (
       AND (end_event_at IS NULL OR end_event_at > {_ts(at_us)}) {aor_filter}
 ), v AS (
     SELECT s.session_id, s.aor, s.binding_key, s.started_at,
-           arg_max(e.json, (CAST(e.log_partition AS BIGINT) << 48) + e.log_offset) AS json,
-           arg_max(e.expires_at, (CAST(e.log_partition AS BIGINT) << 48) + e.log_offset)
-               AS expires
+           arg_max({{'uri': e.uri, 'q': e.q, 'expires': e.expires_at, 'source': e.source,
+                     'transport': e.transport, 'node': e.binding_node,
+                     'user_agent': e.user_agent, 'registered_at': e.registered_at}},
+                   (CAST(e.log_partition AS BIGINT) << 48) + e.log_offset) AS b
     FROM s JOIN events_raw e ON e.aor = s.aor AND e.key = s.binding_key
     WHERE e.known AND e.type IN ('binding.added.v1', 'binding.refreshed.v1')
       AND e.ts <= {at_s!r} AND e.ts >= (SELECT epoch_us(min(started_at)) / 1e6 - 1 FROM s)
       AND (CAST(e.log_partition AS BIGINT) << 48) + e.log_offset >= s.session_id
     GROUP BY ALL
 )
-SELECT aor, binding_key,
-       json_extract_string(json, '$.binding.uri') AS contact_uri,
-       COALESCE(CAST(json_extract(json, '$.binding.q') AS DOUBLE), 1.0) AS q,
-       make_timestamp(CAST(round(expires * 1e6) AS BIGINT)) AS expires_at,
-       json_extract_string(json, '$.binding.source') AS source,
-       COALESCE(json_extract_string(json, '$.binding.transport'), 'udp') AS transport,
-       json_extract_string(json, '$.binding.node') AS node,
-       json_extract_string(json, '$.binding.user_agent') AS user_agent,
-       make_timestamp(CAST(round(COALESCE(CAST(json_extract(json, '$.binding.registered_at')
-           AS DOUBLE), 0) * 1e6) AS BIGINT)) AS registered_at,
+SELECT aor, binding_key, b.uri AS contact_uri, COALESCE(b.q, 1.0) AS q,
+       make_timestamp(CAST(round(b.expires * 1e6) AS BIGINT)) AS expires_at,
+       b.source AS source, COALESCE(b.transport, 'udp') AS transport, b.node AS node,
+       b.user_agent AS user_agent,
+       make_timestamp(CAST(round(COALESCE(b.registered_at, 0) * 1e6) AS BIGINT))
+           AS registered_at,
        started_at AS session_started_at, session_id
 FROM v
-WHERE expires > {at_s!r}
+WHERE b.expires > {at_s!r}
 ORDER BY aor, q DESC, registered_at DESC
 """
 
@@ -83,40 +80,50 @@ def charging(from_us: int, to_us_: int, per: str | None = None,
     while no event ended it), clipped to the window and to each bucket.
     ``registered_s`` is the time the AoR had at least one binding (overlapping
     bindings counted once); ``binding_s`` adds up every binding's time.
+
+    One pass over the sessions tables, without sorting them: ``registered_s`` adds up
+    the sessions' own parts ``[cover_from, effective_end)`` (which do not overlap, see
+    the schema), clipped like the sessions. Grouped by ``aor_id`` (integers hash much
+    faster than AoR strings; the names are joined to the result at the end).
     """
     width = BUCKETS[per] if per else None
-    aor_filter = f"AND aor = {lit(aor)}" if aor is not None else ""
+    aor_filter = (f"AND aor_id = (SELECT aor_id FROM audit_aors WHERE aor = {lit(aor)})"
+                  if aor is not None else "")
     if width is None:
-        buckets = f"{from_us} AS k, a, b"
+        buckets = f"[{from_us}]"
         bucket_col = f"{_ts(from_us)} AS window_start, {_ts(to_us_)} AS window_end"
+        clip = "a, b, p"
     else:
-        buckets = (f"unnest(range(a // {width} * {width}, b, {width})) AS k, a, b")
+        w = width
+        # nearly every session lies in one bucket: a one-element list, not a range()
+        buckets = (f"CASE WHEN (b - 1) // {w} = a // {w} THEN [a // {w} * {w}] "
+                   f"ELSE range(a // {w} * {w}, b, {w}) END")
         bucket_col = f"make_timestamp(k) AS {per}"
-    clip_a = "a" if width is None else "greatest(a, k)"
-    clip_b = "b" if width is None else f"least(b, k + {width})"
+        clip = f"greatest(a, k) AS a, least(b, k + {w}) AS b, greatest(p, k) AS p"
     return f"""
 WITH s AS (
-    SELECT aor, greatest(epoch_us(started_at), {from_us}) AS a,
-           least(epoch_us(effective_end), {to_us_}) AS b
-    FROM binding_sessions
-    WHERE started_at < {_ts(to_us_)} AND effective_end > {_ts(from_us)} {aor_filter}
+    SELECT aor_id, greatest(epoch_us(started_at), {from_us}) AS a,
+           least(epoch_us(ended_at), {to_us_}) AS b,
+           greatest(epoch_us(cover_from), {from_us}) AS p
+    FROM binding_sessions_closed
+    WHERE started_at < {_ts(to_us_)} AND ended_at > {_ts(from_us)} {aor_filter}
+    UNION ALL
+    SELECT aor_id, greatest(epoch_us(started_at), {from_us}),
+           least(epoch_us(expires_at), {to_us_}), greatest(epoch_us(cover_from), {from_us})
+    FROM binding_open
+    WHERE started_at < {_ts(to_us_)} AND expires_at > {_ts(from_us)} {aor_filter}
 ), c AS (
-    SELECT aor, k, {clip_a} AS a, {clip_b} AS b
-    FROM (SELECT aor, {buckets} FROM s WHERE b > a)
-), u AS (
-    SELECT aor, k, a, b,
-           max(b) OVER (PARTITION BY aor, k ORDER BY a, b
-                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS covered
-    FROM c WHERE b > a
+    SELECT aor_id, k, {clip}
+    FROM (SELECT *, unnest({buckets}) AS k FROM s WHERE b > a)
+), g AS (
+    SELECT aor_id, k, sum(greatest(0, b - p)) AS reg_us, sum(b - a) AS bind_us,
+           count(*) AS sessions
+    FROM c WHERE b > a GROUP BY aor_id, k
 )
-SELECT aor, {bucket_col},
-       round(sum(greatest(0, b - greatest(a, COALESCE(covered, a)))) / 1e6, 6)
-           AS registered_s,
-       round(sum(b - a) / 1e6, 6) AS binding_s,
-       count(*) AS sessions
-FROM u
-GROUP BY aor, k
-ORDER BY aor, k
+SELECT n.aor, {bucket_col}, round(reg_us / 1e6, 6) AS registered_s,
+       round(bind_us / 1e6, 6) AS binding_s, sessions
+FROM g JOIN audit_aors n USING (aor_id)
+ORDER BY n.aor, k
 """
 
 

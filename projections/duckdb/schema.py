@@ -1,8 +1,12 @@
 """Tables and views of the audit database (DuckDB).
 
-``events_raw`` holds every record (unknown ones too) with the columns the derivations
-need plus the stored JSON; the ``events`` view adds every other field, parsed from
-that JSON when read (the text is stored once: storing it is most of the ingest cost).
+``events_raw`` holds every record (unknown ones too), one typed column per event field
+(the fields of every known event type: ``events.schema``), plus the stored payload
+text for records the projector does not understand (unknown type, not JSON, missing
+fields), so that nothing is lost. The payload of a known event is not stored as text:
+its typed columns hold all of it (a released tag never changes its fields), and
+storing ~600 bytes of JSON per record was most of the ingest cost. A field absent
+from the payload (msgspec omits defaults) is NULL, as in the payload.
 
 Times: ``events_raw`` keeps the log's own Unix-second DOUBLEs (``ts``, ``expires_at``...)
 exactly as stored; the derived tables and every view use ``TIMESTAMP`` (UTC,
@@ -13,7 +17,7 @@ or a trunk lives in one partition) and identifies sessions.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bumped on an incompatible change of the tables below (a rebuild is then needed)."""
 
 BINDING_TYPES = ("binding.added.v1", "binding.refreshed.v1", "binding.removed.v1",
@@ -25,6 +29,7 @@ KNOWN_TYPES = BINDING_TYPES + TRUNK_TYPES
 _BINDING_COLUMNS = """
     session_id    BIGINT NOT NULL,   -- pos of the event that started the session
     aor           VARCHAR NOT NULL,
+    aor_id        INTEGER NOT NULL,  -- audit_aors.aor_id (reports group by it: faster)
     binding_key   VARCHAR NOT NULL,
     contact_uri   VARCHAR,
     instance      VARCHAR,
@@ -35,8 +40,17 @@ _BINDING_COLUMNS = """
     started_at    TIMESTAMP NOT NULL,
     started_by    VARCHAR NOT NULL,  -- added | refreshed (a refresh of a binding not held)
     refresh_count INTEGER NOT NULL,
-    expires_at    TIMESTAMP NOT NULL -- expiry in force (after the last refresh)
+    expires_at    TIMESTAMP NOT NULL, -- expiry in force (after the last refresh)
+    cover_from    TIMESTAMP NOT NULL  -- see below
 """
+
+# cover_from: the part of a session not covered by the AoR's sessions before it (in
+# order of started_at, effective_end, session_id) is [cover_from, effective_end) (empty
+# if cover_from >= effective_end). These parts do not overlap and together cover the
+# time the AoR had at least one binding: charging adds them up, clipped to the window
+# and buckets, instead of sorting every session of every AoR at each report. The
+# projector updates it when the sessions before one change (an open one ends or is
+# refreshed).
 
 TABLES = f"""
 CREATE TABLE IF NOT EXISTS audit_meta (
@@ -47,6 +61,14 @@ CREATE TABLE IF NOT EXISTS audit_position (
     log_partition INTEGER PRIMARY KEY,
     next_offset   BIGINT NOT NULL    -- next log offset to ingest, committed with the rows
 );
+CREATE TABLE IF NOT EXISTS audit_aors (
+    aor_id INTEGER NOT NULL,         -- 1, 2, ...: in order of the AoR's first binding event
+    aor    VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_derived (
+    log_partition INTEGER PRIMARY KEY,
+    next_offset   BIGINT NOT NULL    -- next log offset the derived tables have to take in
+);
 CREATE TABLE IF NOT EXISTS events_raw (
     log_partition    INTEGER NOT NULL,
     log_offset       BIGINT NOT NULL,
@@ -56,9 +78,28 @@ CREATE TABLE IF NOT EXISTS events_raw (
     node             VARCHAR,        -- producer node
     aor              VARCHAR,
     key              VARCHAR,        -- binding key (binding.key, or key of removed/expired)
+    uri              VARCHAR,        -- binding.uri
     expires_at       DOUBLE,         -- binding.expires_at, or expires_at of binding.expired
+    q                DOUBLE,         -- binding.q
+    call_id          VARCHAR,        -- binding.call_id, or call_id of binding.removed
+    cseq             BIGINT,         -- likewise
+    source           VARCHAR,        -- likewise
+    transport        VARCHAR,        -- likewise
+    local            VARCHAR,        -- binding.local
+    conn_id          VARCHAR,        -- binding.conn_id
+    instance         VARCHAR,        -- binding.instance
+    reg_id           BIGINT,         -- binding.reg_id
+    path             VARCHAR[],      -- binding.path
+    params           VARCHAR[][],    -- binding.params: [name, value or NULL] pairs
+    user_agent       VARCHAR,        -- binding.user_agent, or user_agent of binding.removed
+    registered_at    DOUBLE,         -- binding.registered_at
+    binding_node     VARCHAR,        -- binding.node (the node holding the binding's flow)
+    reason           VARCHAR,        -- binding.removed reason
     trunk_id         VARCHAR,
-    json             VARCHAR USING COMPRESSION zstd, -- the stored payload (NULL: not UTF-8)
+    lease_expires_at DOUBLE,
+    trunk            JSON,           -- trunk.registered: the trunk record
+    replaced         BOOLEAN,        -- trunk.registered
+    json             VARCHAR,        -- the stored payload, for records not known (else NULL)
     error            VARCHAR         -- why the record is not understood (NULL if known)
 );
 CREATE TABLE IF NOT EXISTS binding_sessions_closed (
@@ -105,52 +146,28 @@ CREATE TABLE IF NOT EXISTS trunk_open (
 """
 
 VIEWS = """
--- Every field of every record: events_raw plus the rest of the binding/trunk fields,
--- parsed from the stored JSON when read (filters on the raw columns come first).
+-- Every field of every record (events_raw under the name the issue gives it).
 CREATE OR REPLACE VIEW events AS
-SELECT log_partition, log_offset, type, known, ts, node, aor, key,
-       json_extract_string(json, '$.binding.uri') AS uri,
-       expires_at,
-       CAST(json_extract(json, '$.binding.q') AS DOUBLE) AS q,
-       COALESCE(json_extract_string(json, '$.binding.call_id'),
-                json_extract_string(json, '$.call_id')) AS call_id,
-       CAST(COALESCE(json_extract(json, '$.binding.cseq'), json_extract(json, '$.cseq'))
-            AS BIGINT) AS cseq,
-       COALESCE(json_extract_string(json, '$.binding.source'),
-                json_extract_string(json, '$.source')) AS source,
-       COALESCE(json_extract_string(json, '$.binding.transport'),
-                json_extract_string(json, '$.transport')) AS transport,
-       json_extract_string(json, '$.binding.local') AS local,
-       json_extract_string(json, '$.binding.conn_id') AS conn_id,
-       json_extract_string(json, '$.binding.instance') AS instance,
-       CAST(json_extract(json, '$.binding.reg_id') AS BIGINT) AS reg_id,
-       CAST(json_extract(json, '$.binding.path') AS VARCHAR[]) AS path,
-       json_extract(json, '$.binding.params') AS params,
-       COALESCE(json_extract_string(json, '$.binding.user_agent'),
-                json_extract_string(json, '$.user_agent')) AS user_agent,
-       CAST(json_extract(json, '$.binding.registered_at') AS DOUBLE) AS registered_at,
-       json_extract_string(json, '$.binding.node') AS binding_node,
-       json_extract_string(json, '$.reason') AS reason,
-       trunk_id,
-       CAST(json_extract(json, '$.lease_expires_at') AS DOUBLE) AS lease_expires_at,
-       json_extract(json, '$.trunk') AS trunk,
-       json, error
+SELECT log_partition, log_offset, type, known, ts, node, aor, key, uri, expires_at, q,
+       call_id, cseq, source, transport, local, conn_id, instance, reg_id, path, params,
+       user_agent, registered_at, binding_node, reason, trunk_id, lease_expires_at, trunk,
+       replaced, json, error
 FROM events_raw;
 
 CREATE OR REPLACE VIEW binding_sessions AS
 SELECT session_id, aor, binding_key, contact_uri, instance, source, transport, user_agent,
        node, started_at, started_by, ended_at, end_reason, end_event_at, refresh_count,
-       expires_at, COALESCE(ended_at, expires_at) AS effective_end,
+       expires_at, COALESCE(ended_at, expires_at) AS effective_end, aor_id,
        (epoch_us(COALESCE(ended_at, expires_at)) - epoch_us(started_at)) / 1e6 AS duration_s
 FROM (
     SELECT session_id, aor, binding_key, contact_uri, instance, source, transport,
            user_agent, node, started_at, started_by, ended_at, end_reason, end_event_at,
-           refresh_count, expires_at
+           refresh_count, expires_at, aor_id
     FROM binding_sessions_closed
     UNION ALL
     SELECT session_id, aor, binding_key, contact_uri, instance, source, transport,
            user_agent, node, started_at, started_by, NULL, NULL, NULL, refresh_count,
-           expires_at
+           expires_at, aor_id
     FROM binding_open
 );
 

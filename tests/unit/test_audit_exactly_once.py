@@ -56,6 +56,28 @@ async def test_interrupted_in_a_batch_then_rerun(tmp_path: Path, log_path: Path,
     assert snapshot(db) == clean
 
 
+async def test_interrupted_before_derivation_then_rerun(tmp_path: Path, log_path: Path,
+                                                       clean: dict) -> None:
+    """Raw batches committed, the derived tables not yet advanced (they are, while
+    catching up, every DERIVE_EVERY records): the next run derives what is missing."""
+    db = tmp_path / "audit.duckdb"
+    calls = 0
+
+    def fail() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise Boom("interrupted")
+
+    with pytest.raises(Boom):
+        await ingest(log_path, db, batch_size=300, fail=fail, derive_every=10**9)
+    partial = snapshot(db)
+    assert partial["audit_position"] == [(0, 600)] and len(partial["events_raw"]) == 600
+    assert partial["audit_derived"] == [] and partial["binding_sessions_closed"] == []
+    assert await ingest(log_path, db, batch_size=300) == 1400
+    assert snapshot(db) == clean
+
+
 async def test_process_killed_mid_transaction_then_rerun(tmp_path: Path, log_path: Path,
                                                          clean: dict) -> None:
     db, flag = tmp_path / "audit.duckdb", tmp_path / "in-transaction"

@@ -71,9 +71,12 @@ async def test_batching_does_not_change_anything(tmp_path: Path, history: list) 
     await write_log(log_path, history[:300])
     snaps = []
     for size in (5, 16, 64, 100_000):
-        db = tmp_path / f"audit-{size}.duckdb"
-        assert await ingest(log_path, db, batch_size=size) == 300
-        snaps.append(snapshot(db))
+        # derived tables advanced in every batch's transaction, every few batches, or
+        # once at the end of the sync
+        for derive_every in (1, 50, 10**9):
+            db = tmp_path / f"audit-{size}-{derive_every}.duckdb"
+            assert await ingest(log_path, db, batch_size=size, derive_every=derive_every) == 300
+            snaps.append(snapshot(db))
     assert all(s == snaps[-1] for s in snaps)
     # and a sync in two goes (the log grew in between) equals one sync of everything
     once, twice = tmp_path / "once.db", tmp_path / "twice.db"
@@ -83,7 +86,7 @@ async def test_batching_does_not_change_anything(tmp_path: Path, history: list) 
     await write_log(twice, history[:600])
     assert await ingest(twice, db) == 600
     await write_log(twice, history[600:1200])
-    assert await ingest(twice, db, batch_size=333) == 600
+    assert await ingest(twice, db, batch_size=333, derive_every=1) == 600
     a, b = snapshot(db), snapshot(tmp_path / "audit-once.duckdb")
     assert a == b
 
@@ -194,3 +197,68 @@ async def test_multi_partition_batches_and_source_binding(tmp_path: Path) -> Non
         projector.check_source("kafka:broker:9092/siphon.events")
     con.close()
     assert snapshot(tmp_path / "a.duckdb") == snapshot(tmp_path / "b.duckdb")
+
+
+def test_every_event_field_has_a_column() -> None:
+    """The payload of a known event is stored only as typed columns: each field of each
+    event struct must be parsed into one (else it would be lost)."""
+    import msgspec
+
+    from events.schema import EVENT_TYPES, Binding
+    from projections.duckdb.projector import _STRUCT
+
+    parsed = json.loads(_STRUCT)
+    for cls in EVENT_TYPES:
+        for f in msgspec.structs.fields(cls):
+            assert f.encode_name in parsed, (cls.__name__, f.encode_name)
+    for f in msgspec.structs.fields(Binding):
+        assert f.encode_name in parsed["binding"], ("Binding", f.encode_name)
+    assert parsed["trunk"] == "JSON"  # the trunk record is kept whole (free-form attributes)
+
+
+async def test_known_events_round_trip_through_the_columns(tmp_path: Path) -> None:
+    from events.schema import Binding, BindingAdded, BindingRemoved, Trunk, TrunkRegistered
+
+    b = Binding(key="k1", uri="sip:a@192.0.2.9:5062;ob", expires_at=at(2), q=0.5, call_id="c1",
+                cseq=7, source="198.51.100.1:5062", transport="tls", local="192.0.2.1:5061",
+                conn_id="tls-9", instance="<urn:uuid:1>", reg_id=2,
+                path=["<sip:edge;lr>", "<sip:edge2;lr>"], params=[("+sip.instance", '"x"'),
+                                                                  ("ob", None)],
+                user_agent="UA/1", registered_at=at(1), node="n7")
+    events = [
+        BindingAdded(ts=at(1), node="n1", aor="sip:a@example.com", binding=b),
+        BindingRemoved(ts=at(1.5), node="n1", aor="sip:a@example.com", key="k1", reason="admin",
+                       call_id="c2", cseq=8, source="198.51.100.2:5060", transport="tcp",
+                       user_agent="UA/2"),
+        TrunkRegistered(ts=at(1.6), node="n2", trunk_id="t1", lease_expires_at=at(1.7),
+                        replaced=True, trunk=Trunk(sip_uri="sip:t1.example.net", transport="tls",
+                                                   enabled=False,
+                                                   attributes={"max_channels": 30})),
+    ]
+    log_path, db = tmp_path / "events.db", tmp_path / "audit.duckdb"
+    await write_log(log_path, events)
+    await ingest(log_path, db)
+    rows = query(db, "SELECT * EXCLUDE (log_partition, log_offset, trunk) FROM events "
+                     "ORDER BY log_offset")
+    cols = [c[0] for c in query(db, "DESCRIBE SELECT * EXCLUDE (log_partition, log_offset, "
+                                    "trunk) FROM events")]
+    got = [{c: v for c, v in zip(cols, r, strict=True) if v is not None} for r in rows]
+    assert got[0] == {
+        "type": "binding.added.v1", "known": True, "ts": at(1), "node": "n1",
+        "aor": "sip:a@example.com", "key": "k1", "uri": "sip:a@192.0.2.9:5062;ob",
+        "expires_at": at(2), "q": 0.5, "call_id": "c1", "cseq": 7,
+        "source": "198.51.100.1:5062", "transport": "tls", "local": "192.0.2.1:5061",
+        "conn_id": "tls-9", "instance": "<urn:uuid:1>", "reg_id": 2,
+        "path": ["<sip:edge;lr>", "<sip:edge2;lr>"],
+        "params": [["+sip.instance", '"x"'], ["ob", None]], "user_agent": "UA/1",
+        "registered_at": at(1), "binding_node": "n7"}
+    assert got[1] == {
+        "type": "binding.removed.v1", "known": True, "ts": at(1.5), "node": "n1",
+        "aor": "sip:a@example.com", "key": "k1", "reason": "admin", "call_id": "c2",
+        "cseq": 8, "source": "198.51.100.2:5060", "transport": "tcp", "user_agent": "UA/2"}
+    assert got[2] == {"type": "trunk.registered.v1", "known": True, "ts": at(1.6),
+                      "node": "n2", "trunk_id": "t1", "lease_expires_at": at(1.7),
+                      "replaced": True}
+    (trunk,) = query(db, "SELECT trunk FROM events WHERE trunk_id = 't1'")[0]
+    assert json.loads(trunk) == {"sip_uri": "sip:t1.example.net", "transport": "tls",
+                                 "enabled": False, "attributes": {"max_channels": 30}}

@@ -14,6 +14,7 @@ import duckdb
 from events.embedded import EmbeddedLog
 from events.schema import Binding, BindingAdded, BindingExpired, BindingRefreshed, BindingRemoved
 from projections.duckdb import AuditProjector, EmbeddedRawSource, catch_up, connect, ensure_schema
+from projections.duckdb.runner import DERIVE_EVERY
 
 D0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 H = 3600.0
@@ -102,7 +103,8 @@ def append_raw(path: Path, payloads: Sequence[bytes]) -> None:
 
 
 async def ingest(log_path: Path, db_path: Path, *, batch_size: int = 250_000,
-                 fail: Callable[[], None] | None = None) -> int:
+                 fail: Callable[[], None] | None = None,
+                 derive_every: int = DERIVE_EVERY) -> int:
     con = connect(db_path)
     try:
         ensure_schema(con)
@@ -111,7 +113,8 @@ async def ingest(log_path: Path, db_path: Path, *, batch_size: int = 250_000,
         source = EmbeddedRawSource(log_path)
         await source.open()
         try:
-            return await catch_up(projector, source, batch_size=batch_size)
+            return await catch_up(projector, source, batch_size=batch_size,
+                                  derive_every=derive_every)
         finally:
             await source.close()
     finally:
@@ -131,7 +134,8 @@ def snapshot(db_path: Path) -> dict[str, list[tuple[Any, ...]]]:
     """Every table's rows, sorted: equal snapshots = equal databases."""
     out = {}
     for table in ("events_raw", "binding_sessions_closed", "binding_open",
-                  "trunk_leases_closed", "trunk_open", "audit_position"):
+                  "trunk_leases_closed", "trunk_open", "audit_position", "audit_derived",
+                  "audit_aors"):
         out[table] = sorted(query(db_path, f"SELECT * FROM {table}"), key=repr)
     return out
 
