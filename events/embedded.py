@@ -13,12 +13,14 @@ import collections
 import concurrent.futures
 import contextlib
 import gc
+import logging
 import os
 import sqlite3
 import struct
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -28,6 +30,8 @@ from events import _reader
 from events.codec import EventDecodeError, decode, encode
 from events.log import EventLog, LogCorruption, LogError, Position, Record
 from events.schema import EVENT_TYPES, Event, event_key
+
+log = logging.getLogger("siphon.events.embedded")
 
 FORMAT_VERSION = 1
 """On-disk format, kept in ``PRAGMA user_version``; bump on incompatible change."""
@@ -49,6 +53,21 @@ _SELECT_WITH_OFFSETS = (
     'SELECT "offset", payload, crc FROM records '
     'WHERE "offset" >= ? AND "offset" < ? ORDER BY "offset"'
 )
+
+KEY_INDEX = "records_key"
+"""Index on ``records(key)`` (entries are (key, offset): one key's records come out of
+it in offset order). Added beside format 1: a log without it still opens (it is built
+then), and a siphon that does not know it keeps it up to date (SQLite does)."""
+_CREATE_KEY_INDEX = f"CREATE INDEX IF NOT EXISTS {KEY_INDEX} ON records (key)"
+_HAS_KEY_INDEX = "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?"
+SELECT_KEY = (
+    f'SELECT "offset", payload, crc FROM records INDEXED BY {KEY_INDEX} '
+    'WHERE key = ? AND "offset" >= ? AND "offset" < ? ORDER BY "offset" LIMIT ?'
+)
+"""One key's records in ``[start, stop)``, at most ``limit``, through the key index
+(``INDEXED BY``: never a table scan; an error if the index is missing)."""
+KEY_INDEX_NOTE_EVERY = 10.0
+"""Seconds between "still building" notes while the key index is built at open."""
 
 _CREATE_GROUPS = (
     "CREATE TABLE IF NOT EXISTS consumer_positions "
@@ -109,6 +128,7 @@ def _create(path: Path) -> None:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(_CREATE)
+            conn.execute(_CREATE_KEY_INDEX)
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
             conn.execute("COMMIT")
@@ -189,6 +209,18 @@ class _Reader:
         if raw:
             return self._log._fetch_payloads(self._conn, start, stop, limit)
         return self._log._fetch(self._conn, start, stop, limit)
+
+    async def fetch_key(self, key: str, start: int, stop: int,
+                        limit: int) -> tuple[list[Any], int]:
+        loop = asyncio.get_running_loop()
+        self._busy = loop.run_in_executor(None, self._fetch_key_sync, key, start, stop, limit)
+        return await asyncio.shield(self._busy)
+
+    def _fetch_key_sync(self, key: str, start: int, stop: int,
+                        limit: int) -> tuple[list[Any], int]:
+        if self._conn is None:
+            self._conn = self._log._connect_reader()
+        return self._log._fetch_key(self._conn, key, start, stop, limit)
 
     def close(self) -> None:
         busy = self._busy
@@ -320,6 +352,33 @@ class EmbeddedLog(EventLog):
         if not has_table:
             raise LogError(f"{path}: event log has no records table (format {version})")
         conn.execute(_CREATE_GROUPS)  # added beside format 1: older files gain it here
+        self._ensure_key_index(conn)
+
+    def _ensure_key_index(self, conn: sqlite3.Connection) -> None:
+        """Build the key index of a log made before it existed (once; logged, timed)."""
+        if conn.execute(_HAS_KEY_INDEX, (KEY_INDEX,)).fetchone():
+            return
+        records = int(conn.execute(_NEXT).fetchone()[0])
+        log.info("%s: building the key index on %s records (once, for one-AoR reads)",
+                 self.path, f"{records:,}")
+        t0 = last = time.monotonic()
+
+        def note() -> int:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= KEY_INDEX_NOTE_EVERY:
+                last = now
+                log.info("%s: still building the key index (%.0f s so far)",
+                         self.path, now - t0)
+            return 0  # go on
+
+        conn.set_progress_handler(note, 1_000_000)
+        try:
+            conn.execute(_CREATE_KEY_INDEX)
+        finally:
+            conn.set_progress_handler(None, 0)
+        log.info("%s: key index built on %s records in %.2f s", self.path,
+                 f"{records:,}", time.monotonic() - t0)
 
     def _connect_reader(self) -> sqlite3.Connection:
         """A read-only connection usable from any (one at a time) thread."""
@@ -575,6 +634,60 @@ class EmbeddedLog(EventLog):
                 pos += len(records)
         finally:
             reader.close()
+
+    async def read_key(
+        self,
+        key: str,
+        start: Position | None = None,
+        end: Position | None = None,
+        batch_size: int = 10_000,
+    ) -> AsyncIterator[list[Record]]:
+        """Like :meth:`read`, only the records whose key is ``key``, through the key
+        index: time grows with that key's records, not with the log. Raises
+        :class:`LogCorruption` at the first of them that is damaged, or whose stored key
+        is not its event's."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        pos = self._offset(start, "start") or 0
+        stop = self._offset(end, "end")
+        if stop is None:
+            stop = (await self.end_position())[0]
+        reader = _Reader(self)
+        try:
+            while pos < stop:
+                self._check_open()
+                records, pos = await reader.fetch_key(key, pos, stop, batch_size)
+                if records:
+                    yield records
+        finally:
+            reader.close()
+
+    def _fetch_key(self, conn: sqlite3.Connection, key: str, start: int, stop: int,
+                   limit: int) -> tuple[list[Record], int]:
+        """Up to ``limit`` checked records of ``key`` in ``[start, stop)`` (worker thread),
+        and where the next fetch starts (``stop`` once there are no more)."""
+        try:
+            rows = conn.execute(SELECT_KEY, (key, start, stop, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise LogError(f"{self.path}: cannot read event log: {exc}") from exc
+        crc32 = zlib.crc32
+        records: list[Record] = []
+        with _gc_paused():
+            for offset, payload, crc in rows:
+                if not isinstance(payload, bytes):
+                    self._corrupt(offset, f"payload is {type(payload).__name__}, not a blob")
+                if crc32(payload) != crc:
+                    self._corrupt(offset,
+                                  f"crc mismatch (stored {crc!r}, computed {crc32(payload)})")
+                try:
+                    event = decode(payload)
+                except EventDecodeError as exc:
+                    self._corrupt(offset, f"undecodable payload: {exc}")
+                if event_key(event) != key:
+                    self._corrupt(offset, f"stored key {key!r} is not its event's "
+                                          f"({event_key(event)!r})")
+                records.append(Record(0, offset, event))
+        return records, (rows[-1][0] + 1 if len(rows) == limit else stop)
 
     async def read_payloads(
         self,

@@ -582,6 +582,39 @@ class KafkaLog(EventLog):
         finally:
             await self._release(consumer)
 
+    async def read_key(
+        self,
+        key: str,
+        start: Position | None = None,
+        end: Position | None = None,
+        batch_size: int = 10_000,
+    ) -> AsyncIterator[list[Record]]:
+        """Like :meth:`read`, only the records of ``key`` (AoR or ``trunk:<id>``): its
+        partition is scanned by the bulk reader, which keeps only the records carrying
+        ``key`` as their Kafka key; those are decoded and checked to be ``key``'s."""
+        self._check_open()
+        p = self.partition_for(key)
+        stop = self._check_position(end, "end") if end is not None else await self.end_position()
+        if p not in stop:
+            return
+        begin = self._check_position(start, "start")
+        first = {p: begin[p]} if p in begin else None
+        async with contextlib.aclosing(self.read_payloads(
+                first, {p: stop[p]}, batch_size, key=key.encode())) as batches:
+            async for partition, offsets, values in batches:
+                out: list[Record] = []
+                with _gc_paused():
+                    for offset, value in zip(offsets, values, strict=True):
+                        try:
+                            event = decode(value)
+                        except EventDecodeError as exc:
+                            self._bad_record(partition, offset, str(exc))
+                            continue
+                        if event_key(event) == key:
+                            out.append(Record(partition, offset, event))
+                if out:
+                    yield out
+
     # -- bulk reading for rebuilds ------------------------------------------------
 
     async def read_payloads(

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 
-from events.schema import Event
+from events.schema import Event, event_key
 
 Position = dict[int, int]
 """Next offset to read, per partition (the embedded log has partition 0 only)."""
@@ -64,6 +64,25 @@ class EventLog(abc.ABC):
              batch_size: int = 10_000) -> AsyncIterator[list[Record]]:
         """Yield batches of records from ``start`` (default: beginning) up to ``end``
         (default: the end position when called), then stop."""
+
+    async def read_key(self, key: str, start: Position | None = None,
+                       end: Position | None = None,
+                       batch_size: int = 10_000) -> AsyncIterator[list[Record]]:
+        """Like ``read``, only the records whose key (:func:`events.schema.event_key`:
+        the AoR, or ``trunk:<id>``) is ``key``, in order, from its partition only.
+
+        This default reads that partition and filters; backends override it with
+        something faster (the embedded log: its key index)."""
+        p = self.partition_for(key)
+        if end is None:
+            end = await self.end_position()
+        if p not in end:
+            return
+        begin = {p: start[p]} if start is not None and p in start else None
+        async for batch in self.read(begin, {p: end[p]}, batch_size):
+            mine = [rec for rec in batch if event_key(rec.event) == key]
+            if mine:
+                yield mine
 
     @abc.abstractmethod
     def follow(self, start: Position | None = None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import struct
@@ -27,10 +28,12 @@ from typing import Any
 
 from events import _reader
 from events.codec import EventDecodeError, decode, decode_array
-from events.embedded import APPLICATION_ID, FORMAT_VERSION, _gc_paused
+from events.embedded import APPLICATION_ID, FORMAT_VERSION, KEY_INDEX, SELECT_KEY, _gc_paused
 from events.log import LogCorruption, LogError, Position, Record
 from events.schema import event_key
 from siphon.config import Config
+
+log = logging.getLogger("siphon.replay")
 
 OnProblem = Callable[[int, int, str], None]
 """Called with (partition, offset, reason) for each damaged record, instead of raising."""
@@ -174,6 +177,9 @@ class EmbeddedSource(Source):
         self.pipeline = pipeline
         """Child-process reader: None = for reads of at least PIPELINE_MIN records."""
         self.batch_size = batch_size
+        self.key_index = False
+        """The log has the key index (one AoR's records without a scan); a log written
+        by an older siphon gains it the next time a node (or any writer) opens it."""
         self._conn: sqlite3.Connection | None = None
 
     async def open(self) -> None:
@@ -194,6 +200,8 @@ class EmbeddedSource(Source):
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
                                      "AND name = 'records'").fetchone()
+            self.key_index = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' "
+                                          "AND name = ?", (KEY_INDEX,)).fetchone() is not None
         except sqlite3.Error as exc:
             conn.close()
             raise LogUnavailable(f"{path}: not an event log: {exc}") from exc
@@ -370,17 +378,34 @@ class EmbeddedSource(Source):
 
     async def _read_key(self, key: str, lo: int, hi: int,
                         on_problem: OnProblem | None) -> AsyncIterator[list[Record]]:
-        rows = await asyncio.to_thread(
-            self._query, 'SELECT "offset", payload, crc FROM records WHERE key = ? '
-            'AND "offset" >= ? AND "offset" < ? ORDER BY "offset"', (key, lo, hi))
-        out: list[Record] = []
-        for offset, payload, crc in rows:
-            if not isinstance(payload, bytes) or zlib.crc32(payload) != crc:
-                self._problem(on_problem, offset, "crc mismatch or damaged payload")
-                continue
-            out.extend(_decode_run(0, offset, [payload], 1, on_problem))
-        if out:
-            yield out
+        """``key``'s records through the key index (a scan of the table without it)."""
+        async for rows in self._key_rows(key, lo, hi):
+            out: list[Record] = []
+            for offset, payload, crc in rows:
+                if not isinstance(payload, bytes) or zlib.crc32(payload) != crc:
+                    self._problem(on_problem, offset, "crc mismatch or damaged payload")
+                    continue
+                out.extend(_decode_run(0, offset, [payload], 1, on_problem))
+            if out:
+                yield out
+
+    async def _key_rows(self, key: str, lo: int, hi: int) -> AsyncIterator[list[Any]]:
+        """``(offset, payload, crc)`` rows of ``key`` in ``[lo, hi)``, in offset order."""
+        if not self.key_index:
+            log.warning("%s has no key index (written by an older siphon): reading one "
+                        "key scans the whole log; the index is built the next time a node "
+                        "opens the log", self.path)
+            yield await asyncio.to_thread(
+                self._query, 'SELECT "offset", payload, crc FROM records WHERE key = ? '
+                'AND "offset" >= ? AND "offset" < ? ORDER BY "offset"', (key, lo, hi))
+            return
+        limit = self.batch_size
+        while lo < hi:
+            rows = await asyncio.to_thread(self._query, SELECT_KEY, (key, lo, hi, limit))
+            yield rows
+            if len(rows) < limit:
+                return
+            lo = rows[-1][0] + 1
 
 
 # ---------------------------------------------------------------------------- kafka
