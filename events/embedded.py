@@ -892,17 +892,7 @@ class EmbeddedLog(EventLog):
         """Read (in a worker thread) and check up to ``limit`` records from ``start``,
         not past ``stop`` nor the committed end; return them and the committed end."""
         with _gc_paused():
-            try:
-                conn.execute("BEGIN")  # one snapshot for the end and the rows
-                try:
-                    end: int = conn.execute(_NEXT).fetchone()[0]
-                    upto = min(end, start + limit if stop is None else min(stop, start + limit))
-                    rows = conn.execute(_SELECT, (start, upto)).fetchall() if upto > start else []
-                finally:
-                    if conn.in_transaction:
-                        conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise LogError(f"{self.path}: cannot read event log: {exc}") from exc
+            rows, upto, end = self._snapshot_rows(conn, start, stop, limit)
             if upto <= start:
                 return [], end
             # Offsets are unique integers in [start, upto): the right count means no gap.
@@ -920,12 +910,12 @@ class EmbeddedLog(EventLog):
                     pass  # located precisely below
         return self._check_slowly(conn, start, upto), end
 
-    def _fetch_payloads(
-        self, conn: sqlite3.Connection, start: int, stop: int | None, limit: int
-    ) -> tuple[list[bytes], int]:
-        """As :meth:`_fetch`, but the CRC-checked payloads, not decoded."""
+    def _snapshot_rows(self, conn: sqlite3.Connection, start: int, stop: int | None,
+                       limit: int) -> tuple[list[tuple[bytes, int]], int, int]:
+        """(payload, crc) rows from ``start`` up to ``limit`` records, not past ``stop``
+        nor the committed end, read in one snapshot with that end: (rows, upto, end)."""
         try:
-            conn.execute("BEGIN")
+            conn.execute("BEGIN")  # one snapshot for the end and the rows
             try:
                 end: int = conn.execute(_NEXT).fetchone()[0]
                 upto = min(end, start + limit if stop is None else min(stop, start + limit))
@@ -935,6 +925,13 @@ class EmbeddedLog(EventLog):
                     conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise LogError(f"{self.path}: cannot read event log: {exc}") from exc
+        return rows, upto, end
+
+    def _fetch_payloads(
+        self, conn: sqlite3.Connection, start: int, stop: int | None, limit: int
+    ) -> tuple[list[bytes], int]:
+        """As :meth:`_fetch`, but the CRC-checked payloads, not decoded."""
+        rows, upto, end = self._snapshot_rows(conn, start, stop, limit)
         if upto <= start:
             return [], end
         crc32 = zlib.crc32

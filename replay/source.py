@@ -22,7 +22,7 @@ import sqlite3
 import struct
 import sys
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -516,12 +516,19 @@ class KafkaSource(Source):
         start = dict(start or {})
         if not any(off > start.get(p, 0) for p, off in stop.items()):
             return
-        self.log.on_problem = on_problem
-        try:
+        with self._reading(on_problem):
             async with contextlib.aclosing(
                     self.log.read_payloads(start, stop, key=key)) as batches:
                 async for item in batches:
                     yield item
+
+    @contextlib.contextmanager
+    def _reading(self, on_problem: OnProblem | None) -> Iterator[None]:
+        """Install the bad-record policy while reading; a log that cannot be read
+        (not a damaged record) becomes :class:`LogUnavailable`."""
+        self.log.on_problem = on_problem
+        try:
+            yield
         except LogCorruption:
             raise
         except LogError as exc:
@@ -549,17 +556,10 @@ class KafkaSource(Source):
             return
         if not any(off > start.get(p, 0) for p, off in stop.items()):
             return
-        self.log.on_problem = on_problem
-        try:
+        with self._reading(on_problem):
             async with contextlib.aclosing(self.log.read(start, stop)) as batches:
                 async for batch in batches:
                     yield batch
-        except LogCorruption:
-            raise
-        except LogError as exc:
-            raise LogUnavailable(str(exc)) from exc
-        finally:
-            self.log.on_problem = None
 
 
 def open_source(cfg: Config, *, connect_timeout: float = 10.0,

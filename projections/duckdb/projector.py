@@ -16,12 +16,13 @@ trunk events (rare: a few per trunk and minute), applied in Python.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,23 @@ def connect(path: str | os.PathLike[str], *, read_only: bool = False,
     return con
 
 
-def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the tables and views if missing; refuse a database of another version."""
+@contextlib.contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """One DuckDB transaction: committed when the block ends, rolled back whole when
+    it raises (the block's error is the one reported)."""
     con.execute("BEGIN")
     try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the tables and views if missing; refuse a database of another version."""
+    with transaction(con):
         con.execute(TABLES)
         row = con.execute("SELECT value FROM audit_meta WHERE name = 'schema_version'").fetchone()
         if row is None:
@@ -100,10 +114,6 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
             raise AuditError(f"audit database schema version {row[0]}, this siphon writes "
                              f"{SCHEMA_VERSION}: rebuild it (delete the file, sync again)")
         con.execute(VIEWS)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
 def _t(expr: str) -> str:
@@ -440,43 +450,22 @@ class AuditProjector:
         tables, when ``derive_every`` records or more wait, or it is 0)."""
         if not len(batch):
             return
-        with self._lock:
-            con = self.con
-            con.execute("BEGIN")
-            try:
-                self._check_continues(batch)
-                self._insert_raw(batch)
-                if self.fail_after_events is not None:
-                    self.fail_after_events()
-                for part, nxt in batch.end().items():
-                    con.execute("INSERT OR REPLACE INTO audit_position VALUES (?, ?)",
-                                [part, nxt])
-                if self.derive_every <= 0 or self.pending() >= self.derive_every:
-                    self._derive()
-                con.execute("COMMIT")
-            except BaseException:
-                try:
-                    con.execute("ROLLBACK")
-                except duckdb.Error:
-                    pass
-                raise
+        with self._lock, transaction(self.con):
+            self._check_continues(batch)
+            self._insert_raw(batch)
+            if self.fail_after_events is not None:
+                self.fail_after_events()
+            for part, nxt in batch.end().items():
+                self.con.execute("INSERT OR REPLACE INTO audit_position VALUES (?, ?)",
+                                 [part, nxt])
+            if self.derive_every <= 0 or self.pending() >= self.derive_every:
+                self._derive()
 
     def derive(self) -> int:
         """Bring the derived tables up to ``events_raw`` (one transaction); returns how
         many records they took in."""
-        with self._lock:
-            con = self.con
-            con.execute("BEGIN")
-            try:
-                n = self._derive()
-                con.execute("COMMIT")
-                return n
-            except BaseException:
-                try:
-                    con.execute("ROLLBACK")
-                except duckdb.Error:
-                    pass
-                raise
+        with self._lock, transaction(self.con):
+            return self._derive()
 
     def _derive(self) -> int:
         """Sessions and leases from the records past ``audit_derived`` (in a transaction)."""
