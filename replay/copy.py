@@ -324,6 +324,15 @@ class KafkaTarget(Target):
                            f"({entry.get('filter')}); resume with the same --from/--until/"
                            "--aor, or copy into a new target")
         checkpoint_end = {int(p): int(o) for p, o in entry["target_end"].items()}
+        # A topic's end offsets never go back: fewer records than the checkpoint saw
+        # means another cluster or a recreated topic, and resuming would skip them all.
+        lost = {p: o for p, o in checkpoint_end.items() if end.get(p, 0) < o}
+        if lost:
+            p, o = min(lost.items())
+            raise BadInput(f"{self.label} ends before what {self.state_file} recorded as "
+                           f"copied (partition {p}: end offset {end.get(p, 0)}, checkpoint "
+                           f"{o}): the topic was recreated or is on another cluster; remove "
+                           "the checkpoint file to copy afresh into an empty topic")
         extra = {p: o for p, o in end.items() if o > checkpoint_end.get(p, 0)}
         if extra:  # the batch in flight when the last run stopped: what of it arrived
             start = {p: checkpoint_end.get(p, 0) for p in extra}

@@ -137,6 +137,23 @@ def test_embedded_to_kafka_to_embedded_keeps_order_and_state(
         for e in src_evs if event_key(e) == "sip:u7@example.com"]
 
 
+def test_a_kafka_copy_refuses_to_resume_into_a_topic_that_lost_its_records(
+        tmp_path: Path, kafka_bootstrap: str, capsys: pytest.CaptureFixture[str]) -> None:
+    asyncio.run(write_embedded(tmp_path / "src.db", events(300)))
+    src = embedded_config(tmp_path, "src")
+    topic = f"siphon-replay-{uuid.uuid4().hex[:8]}"
+    kafka = kafka_config(tmp_path, "kafka", kafka_bootstrap, topic)
+    (res,) = run_json(capsys, "copy", "-c", src, "--to", kafka)
+    assert res["copied"] == 301
+    # The same target config now names an empty topic (a new cluster, a recreated
+    # topic) while its checkpoint says 301 records were copied: nothing is skipped.
+    kafka_config(tmp_path, "kafka", kafka_bootstrap, f"siphon-replay-{uuid.uuid4().hex[:8]}")
+    rc = main(["replay", "copy", "-c", src, "--to", kafka, "--json"])
+    err = capsys.readouterr().err
+    assert rc == 4
+    assert "ends before what" in err and "recreated" in err
+
+
 async def test_a_kafka_copy_resumes_after_a_batch_written_but_not_checkpointed(
         tmp_path: Path, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from replay.source import EmbeddedSource
