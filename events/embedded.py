@@ -635,6 +635,17 @@ class EmbeddedLog(EventLog):
         finally:
             reader.close()
 
+    async def _bounded_span(self, start: Position | None, end: Position | None,
+                            batch_size: int) -> tuple[int, int]:
+        """First and past-the-end offsets of a read (the end defaults to the log's)."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        pos = self._offset(start, "start") or 0
+        stop = self._offset(end, "end")
+        if stop is None:
+            stop = (await self.end_position())[0]
+        return pos, stop
+
     async def read_key(
         self,
         key: str,
@@ -646,12 +657,7 @@ class EmbeddedLog(EventLog):
         index: time grows with that key's records, not with the log. Raises
         :class:`LogCorruption` at the first of them that is damaged, or whose stored key
         is not its event's."""
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        pos = self._offset(start, "start") or 0
-        stop = self._offset(end, "end")
-        if stop is None:
-            stop = (await self.end_position())[0]
+        pos, stop = await self._bounded_span(start, end, batch_size)
         reader = _Reader(self)
         try:
             while pos < stop:
@@ -699,12 +705,7 @@ class EmbeddedLog(EventLog):
         stored (CRC-checked, not decoded) payloads, for a projection rebuild that
         decodes only what it needs (``projections.registrar.Rebuild``). The next
         batch is read while the caller works on the current one."""
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        pos = self._offset(start, "start") or 0
-        stop = self._offset(end, "end")
-        if stop is None:
-            stop = (await self.end_position())[0]
+        pos, stop = await self._bounded_span(start, end, batch_size)
         if stop - pos >= CHILD_READER_MIN:
             async for item in self._payloads_from_child(pos, stop, batch_size):
                 yield item
