@@ -88,27 +88,24 @@ def compact(b: Binding) -> Binding:
     return _compact_own(b)
 
 
-def _put(state: RegistrarState, event: BindingAdded | BindingRefreshed) -> str:
+def _store(state: RegistrarState, event: BindingAdded | BindingRefreshed,
+           binding: Binding) -> str:
     aors = state.aors
     bindings = aors.get(event.aor)
     if bindings is None:
         bindings = aors[event.aor] = {}
-    binding = compact(event.binding)
     bindings.pop(binding.key, None)  # re-insert: arrival order = recency
     bindings[binding.key] = binding
     return "registered" if type(event) is BindingAdded else "refreshed"
 
 
+def _put(state: RegistrarState, event: BindingAdded | BindingRefreshed) -> str:
+    return _store(state, event, compact(event.binding))
+
+
 def _put_as_decoded(state: RegistrarState, event: BindingAdded | BindingRefreshed) -> str:
     """:func:`_put` without :func:`compact` (see :func:`apply_uncompacted`)."""
-    aors = state.aors
-    bindings = aors.get(event.aor)
-    if bindings is None:
-        bindings = aors[event.aor] = {}
-    binding = event.binding
-    bindings.pop(binding.key, None)
-    bindings[binding.key] = binding
-    return "registered" if type(event) is BindingAdded else "refreshed"
+    return _store(state, event, event.binding)
 
 
 def _drop(state: RegistrarState, event: BindingRemoved | BindingExpired) -> str | None:
