@@ -105,7 +105,8 @@ def _check_header(path: Path) -> None:
         )
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or file creation in ``directory`` durable (fsync the directory)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -141,7 +142,7 @@ def _create(path: Path) -> None:
         except OSError:  # no hard links here: rename, unless someone was faster
             if not path.exists():
                 os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except (OSError, sqlite3.Error) as exc:
         raise LogError(f"{path}: cannot create event log: {exc}") from exc
     finally:

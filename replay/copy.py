@@ -40,7 +40,7 @@ from typing import Any
 import msgspec
 
 from events.codec import encode
-from events.embedded import EmbeddedLog
+from events.embedded import EmbeddedLog, fsync_dir
 from events.log import LogError, Position
 from events.schema import Event, event_key
 from replay.source import BadInput, LogUnavailable, ReplayError, Source
@@ -240,11 +240,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 class KafkaTarget(Target):

@@ -33,7 +33,7 @@ from typing import Any
 
 import msgspec
 
-from events.embedded import _gc_paused
+from events.embedded import _gc_paused, fsync_dir
 from events.log import Position, Record
 from events.schema import Binding, Trunk, event_key
 from projections import registrar as reg
@@ -176,14 +176,6 @@ def previous(path: Path) -> Path:
     return path.with_name(path.name + ".prev")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write(path: str | os.PathLike[str], snap: Snapshot | bytes) -> int:
     """Atomically replace ``path`` with the snapshot, keeping the old one as
     ``<path>.prev``; returns the size written."""
@@ -202,7 +194,7 @@ def write(path: str | os.PathLike[str], snap: Snapshot | bytes) -> int:
             os.link(path, link)  # the current one stays in place until replaced
             os.replace(link, previous(path))
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return len(data)

@@ -160,6 +160,23 @@ class Projection:
         return applied
 
 
+async def _bounds(source: Source, target: Target
+                  ) -> tuple[Position, Position, float | None]:
+    """The log's first position, where a replay to ``target`` stops and the first
+    event's time; :class:`BadInput` for a target outside the log."""
+    begin = await source.begin_position()
+    end = await source.end_position()
+    stop = _stop_for(target, begin, end, source.partitions)
+    first_ts = await source.first_ts()
+    if target.time is not None:
+        if first_ts is None:
+            raise BadInput(f"--at {target.text}: the log holds no events yet")
+        if target.time < first_ts:
+            raise BadInput(f"--at {target.text}: {fmt_time(target.time)} is before the first "
+                           f"event of the log ({fmt_time(first_ts)})")
+    return begin, stop, first_ts
+
+
 def _stop_for(target: Target, begin: Position, end: Position, partitions: int) -> Position:
     """The (exclusive) stop position the target asks for; checks offsets against the log."""
     if target.offsets is None:
@@ -196,16 +213,7 @@ async def rebuild(source: Source, target: Target, *, start: Projection | None = 
     ``start``/``start_position`` resume from a snapshot (the caller checked that it
     precedes the target). Raises :class:`BadInput` for a target outside the log.
     """
-    begin = await source.begin_position()
-    end = await source.end_position()
-    stop = _stop_for(target, begin, end, source.partitions)
-    first_ts = await source.first_ts()
-    if target.time is not None:
-        if first_ts is None:
-            raise BadInput(f"--at {target.text}: the log holds no events yet")
-        if target.time < first_ts:
-            raise BadInput(f"--at {target.text}: {fmt_time(target.time)} is before the first "
-                           f"event of the log ({fmt_time(first_ts)})")
+    begin, stop, first_ts = await _bounds(source, target)
     proj = start if start is not None else Projection()
     pos = dict(start_position or {})
     if on_total is not None:
@@ -314,16 +322,7 @@ async def aor_history(source: Source, aor: str, target: Target,
                       on_problem: OnProblem | None = None) -> tuple[list[Step], Replayed]:
     """Every event of ``aor`` up to ``target`` with the bindings it left, and the
     AoR's state at the target. Raises :class:`BadInput` when the log never names it."""
-    begin = await source.begin_position()
-    end = await source.end_position()
-    stop = _stop_for(target, begin, end, source.partitions)
-    first_ts = await source.first_ts()
-    if target.time is not None:
-        if first_ts is None:
-            raise BadInput(f"--at {target.text}: the log holds no events yet")
-        if target.time < first_ts:
-            raise BadInput(f"--at {target.text}: {fmt_time(target.time)} is before the first "
-                           f"event of the log ({fmt_time(first_ts)})")
+    _, stop, first_ts = await _bounds(source, target)
     p = source.partition_for(aor)
     proj = Projection()
     steps: list[Step] = []
