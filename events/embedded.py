@@ -252,17 +252,25 @@ class EmbeddedLog(EventLog):
         group_commit_max: int = 2000,
         on_progress: Callable[[int, int], None] | None = None,
         quick_check: bool = True,
+        append_timeout: float = 5.0,
     ) -> None:
         if group_commit_max < 1:
             raise ValueError("group_commit_max must be at least 1")
+        if append_timeout <= 0:
+            raise ValueError("append_timeout must be positive")
         self.path = Path(path)
         self.group_commit_max = group_commit_max
+        self.append_timeout = append_timeout
+        """Seconds a commit may take: past it, ``append`` raises :class:`LogError` for
+        the appends in that commit and those queued behind it (a stalled disk)."""
         self.on_progress = on_progress
         self.quick_check = quick_check
         """Run SQLite's whole-file ``quick_check`` at open (O(file size)); a warm boot
         from a snapshot skips it (see replay/snapshot.py)."""
         self.commits = 0
         """Number of transactions committed by ``append`` since open (one per group)."""
+        self.stalls = 0
+        """Times a commit ran past ``append_timeout`` (see :meth:`append`)."""
         self._state = "new"  # new -> open -> closing -> closed
         self._wconn: sqlite3.Connection | None = None
         self._mconn: sqlite3.Connection | None = None
@@ -270,6 +278,7 @@ class EmbeddedLog(EventLog):
         self._wexec: concurrent.futures.ThreadPoolExecutor | None = None
         self._writer: asyncio.Task[None] | None = None
         self._pending: collections.deque[_Pending] = collections.deque()
+        self._watchdog: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._tail: list[Record] = []
         self._tail_base = 0
@@ -435,8 +444,10 @@ class EmbeddedLog(EventLog):
         """Durably append ``events`` (grouped with concurrent appends into one commit).
 
         Returns their ``(0, offset)`` once the transaction holding them committed.
-        On failure raises :class:`LogError` and none of ``events`` is appended. A
-        cancelled append may still be written if its group was already in flight.
+        On failure raises :class:`LogError` and none of ``events`` is appended. When
+        the commit holding them (or the one ahead of it) takes longer than
+        ``append_timeout``, raises :class:`LogError` with the outcome unknown: they may
+        still be written. So may a cancelled append whose group was in flight.
         """
         self._check_open()
         if self._writer is None or self._writer.done():
@@ -453,6 +464,27 @@ class EmbeddedLog(EventLog):
         self._pending.append((rows, events, fut))
         self._wake.set()
         return await fut
+
+    def _stalled(self, group: list[_Pending]) -> None:
+        """A commit has run for ``append_timeout``: fail its appends (outcome unknown)
+        and those queued behind it (not written), and check again one period on."""
+        self.stalls += 1
+        log.error("%s: a commit has not finished within %g s (storage stalled?); failing "
+                  "%d queued appends", self.path, self.append_timeout,
+                  len(group) + len(self._pending))
+        for _, _, fut in group:
+            if not fut.done():
+                fut.set_exception(LogError(
+                    f"{self.path}: commit not finished within {self.append_timeout:g} s "
+                    "(storage stalled?); outcome unknown"))
+        while self._pending:
+            _, _, fut = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(LogError(
+                    f"{self.path}: not appended: the commit ahead has not finished within "
+                    f"{self.append_timeout:g} s (storage stalled?)"))
+        self._watchdog = asyncio.get_running_loop().call_later(
+            self.append_timeout, self._stalled, [])  # (the group's futures are done now)
 
     def _take_group(self) -> list[_Pending]:
         """Dequeue pending appends (never split) up to ``group_commit_max`` events."""
@@ -486,6 +518,8 @@ class EmbeddedLog(EventLog):
                 if not group:
                     continue
                 rows = [row for item_rows, _, _ in group for row in item_rows]
+                # one timer per commit bounds every append in it and queued behind it
+                self._watchdog = loop.call_later(self.append_timeout, self._stalled, group)
                 try:
                     base = await loop.run_in_executor(self._wexec, self._write_sync, rows)
                 except Exception as exc:
@@ -496,6 +530,9 @@ class EmbeddedLog(EventLog):
                             fut.set_exception(err)
                     group = []
                     continue
+                finally:
+                    if self._watchdog is not None:  # the first timer or one _stalled set
+                        self._watchdog.cancel()
                 self.commits += 1
                 offset = base
                 committed: list[Record] = []

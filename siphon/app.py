@@ -79,17 +79,14 @@ class Node:
         self.log = make_log(cfg)
         self.runner = ProjectionRunner(self.log)
         r = cfg.registrar
-        append_timeout = (r.kafka.append_timeout if r.backend == "kafka" and r.kafka is not None
-                          else 5.0)
         self.registrar = Registrar(
             self.log, self.runner,
             Limits(r.default_expires, r.min_expires, r.max_expires, r.max_contacts), self.node,
-            append_timeout=append_timeout,
             owns=lambda aor: self.log.partition_for(aor) in self.log.owned_partitions(
                 CALLBACK_GROUP))
         self.trunk_service = TrunkService(
             self.log, self.runner, self.node, heartbeat_seconds=cfg.trunks.heartbeat_seconds,
-            lease_secs=cfg.trunks.lease_secs, append_timeout=append_timeout,
+            lease_secs=cfg.trunks.lease_secs,
             owns=lambda key: self.log.partition_for(key) in self.log.owned_partitions(
                 CALLBACK_GROUP))
         self.http_servers: list[HttpServer] = []

@@ -101,14 +101,13 @@ class TrunkService:
 
     def __init__(self, log_: EventLog, runner: ProjectionRunner, node: str, *,
                  heartbeat_seconds: int = 30, lease_secs: int = 90,
-                 append_timeout: float = 5.0, clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.time,
                  owns: Callable[[str], bool] = lambda key: True) -> None:
         self.log = log_
         self.runner = runner
         self.node = node
         self.heartbeat_seconds = heartbeat_seconds
         self.lease_secs = lease_secs
-        self.append_timeout = append_timeout
         self.clock = clock
         self.owns = owns
         self._locks: dict[str, asyncio.Lock] = {}
@@ -127,8 +126,7 @@ class TrunkService:
         return lock
 
     async def _commit(self, events: list[Event]) -> None:
-        async with asyncio.timeout(self.append_timeout):
-            placed = await self.log.append(events)
+        placed = await self.log.append(events)  # bounded by the log's append_timeout
         for partition, offset in placed:
             await self.runner.wait_applied(partition, offset)
 

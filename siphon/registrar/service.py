@@ -35,14 +35,13 @@ class Registrar:
     """
 
     def __init__(self, log_: EventLog, runner: ProjectionRunner, limits: Limits, node: str,
-                 clock: Callable[[], float] = time.time, append_timeout: float = 5.0,
+                 clock: Callable[[], float] = time.time,
                  owns: Callable[[str], bool] = lambda aor: True) -> None:
         self.log = log_
         self.runner = runner
         self.limits = limits
         self.node = node
         self.clock = clock
-        self.append_timeout = append_timeout
         self.owns = owns
         self.observe_append: Callable[[float], None] = lambda seconds: None
         """Whether this node sweeps an AoR (its partition's owner does, cluster-wide)."""
@@ -57,12 +56,13 @@ class Registrar:
         return proj.lookup(self.state, aor, self.clock())
 
     async def _commit(self, events: list[Event]) -> None:
-        """Append durably, then wait until this node's projection applied the events."""
+        """Append durably, then wait until this node's projection applied the events.
+
+        The log bounds the append (its ``append_timeout``: :class:`LogError` past it)."""
         if not events:
             return
         started = time.monotonic()
-        async with asyncio.timeout(self.append_timeout):
-            placed = await self.log.append(events)
+        placed = await self.log.append(events)
         self.observe_append(time.monotonic() - started)
         last: dict[int, int] = {}
         for partition, offset in placed:

@@ -143,6 +143,43 @@ async def test_failed_commit_fails_whole_group(log: EmbeddedLog, db_path: Path) 
     assert [r.offset for r in await read_all(log)] == [0, 1]
 
 
+async def test_stalled_commit_fails_appends_after_append_timeout(db_path: Path) -> None:
+    """A commit stuck in the writer thread (a hung disk) fails its appends and those
+    queued behind it once ``append_timeout`` passes; what it wrote still counts."""
+    import threading
+
+    log = EmbeddedLog(db_path, append_timeout=0.2)
+    await log.open()
+    try:
+        release = threading.Event()
+        write = log._write_sync
+
+        def stuck_once(rows):  # type: ignore[no-untyped-def]
+            log._write_sync = write  # type: ignore[method-assign]
+            release.wait(10)
+            return write(rows)
+
+        log._write_sync = stuck_once  # type: ignore[method-assign]
+        started = time.monotonic()
+        in_flight = asyncio.ensure_future(log.append([make_event(0)]))
+        await asyncio.sleep(0.05)  # the writer has taken it
+        queued = asyncio.ensure_future(log.append([make_event(1)]))
+        results = await asyncio.gather(in_flight, queued, return_exceptions=True)
+        waited = time.monotonic() - started
+        assert [type(r) for r in results] == [LogError, LogError], results
+        assert "within 0.2 s" in str(results[0]) and "outcome unknown" in str(results[0])
+        assert "not appended" in str(results[1])
+        assert 0.15 <= waited < 2, waited
+        assert log.stalls == 1
+        release.set()
+        # The writer carries on: the stuck commit landed, the queued append did not.
+        assert await log.append([make_event(2)]) == [(0, 1)]
+        assert [r.event for r in await read_all(log)] == [make_event(0), make_event(2)]
+    finally:
+        release.set()
+        await log.close()
+
+
 async def test_durable_across_reopen(db_path: Path) -> None:
     events = [make_event(i) for i in range(50)]
     log = EmbeddedLog(db_path)
