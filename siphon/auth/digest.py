@@ -6,8 +6,8 @@ their ``-sess`` variants).  Nothing here touches sockets or the event loop:
 
 * :func:`parse_authorization` turns an ``Authorization`` / ``Proxy-Authorization``
   header value into :class:`DigestCredentials`;
-* :class:`NonceManager` issues stateless HMAC-signed nonces that every node sharing the
-  secret can verify, and keeps a bounded per-node nonce-count (``nc``) replay cache;
+* :class:`NonceManager` issues stateless keyed-MAC-signed nonces that every node
+  sharing the secret can verify, and keeps a bounded per-node nonce-count (``nc``) replay cache;
 * :func:`challenge` builds ``WWW-Authenticate`` / ``Proxy-Authenticate`` values;
 * :func:`verify` checks credentials against an HA1 lookup callback.
 
@@ -360,10 +360,11 @@ class _Nc(enum.Enum):
     EVICTED = 2
 
 
-_NONCE_MAGIC = b"siphon-digest-nonce-v1\x00"
+_NONCE_MAGIC = b"siphon-digest-nonce-v1\x00"  # v1 tags: HMAC-SHA256 (still accepted)
+_NONCE_PERSON = b"siphon-nonce-v2"  # v2 tags: keyed BLAKE2b (issued)
 _TS = struct.Struct(">q")  # issue time, milliseconds since the clock's epoch
 _SALT_LEN = 8
-_TAG_LEN = 16  # HMAC-SHA256 truncated to 128 bits
+_TAG_LEN = 16  # 128-bit MAC
 _RAW_LEN = _TS.size + _SALT_LEN + _TAG_LEN  # 32 bytes -> 43 base64url chars
 _B64_LEN = 43
 _B64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -371,11 +372,14 @@ _MAX_FUTURE_MS = 60_000
 
 
 class NonceManager:
-    """Stateless, HMAC-authenticated nonces plus a per-node ``nc`` replay cache.
+    """Stateless, MAC-authenticated nonces plus a per-node ``nc`` replay cache.
 
-    A nonce is ``base64url(ts_ms[8] || salt[8] || HMAC-SHA256(secret, ts||salt)[:16])``
-    (43 chars, no padding).  Any node configured with the same ``secret`` (and roughly
-    synchronised clocks) can :meth:`check` it.
+    A nonce is ``base64url(ts_ms[8] || salt[8] || tag[16])`` (43 chars, no padding),
+    ``tag`` a keyed BLAKE2b-128 of ``ts || salt`` under a key derived from ``secret``
+    (one C call: HMAC-SHA256 through OpenSSL 3 cost several times more per nonce).
+    Nonces tagged with ``HMAC-SHA256(secret, ts||salt)[:16]`` (issued before) are still
+    accepted.  Any node configured with the same ``secret`` (and roughly synchronised
+    clocks) can :meth:`check` it.
 
     Replay protection (:meth:`check_nc`) is *per node*: the highest ``nc`` seen for
     each nonce is kept in an LRU of ``nc_cache_size`` entries.  A nonce first seen here
@@ -403,6 +407,7 @@ class NonceManager:
         if nc_cache_size < 1:
             raise ValueError("nc_cache_size must be >= 1")
         self._secret = bytes(secret)
+        self._key = hashlib.sha256(_NONCE_MAGIC + self._secret).digest()
         self.ttl = float(ttl)
         self._clock = clock
         self._nc_cache_size = nc_cache_size
@@ -415,6 +420,10 @@ class NonceManager:
         return int(self._clock() * 1000)
 
     def _tag(self, body: bytes) -> bytes:
+        return hashlib.blake2b(body, digest_size=_TAG_LEN, key=self._key,
+                               person=_NONCE_PERSON).digest()
+
+    def _tag_v1(self, body: bytes) -> bytes:
         return hmac.digest(self._secret, _NONCE_MAGIC + body, "sha256")[:_TAG_LEN]
 
     def generate(self) -> str:
@@ -446,7 +455,8 @@ class NonceManager:
         if len(raw) != _RAW_LEN or base64.urlsafe_b64encode(raw).rstrip(b"=") != nonce.encode():
             return None
         body, tag = raw[:-_TAG_LEN], raw[-_TAG_LEN:]
-        if not hmac.compare_digest(tag, self._tag(body)):
+        if not (hmac.compare_digest(tag, self._tag(body))
+                or hmac.compare_digest(tag, self._tag_v1(body))):
             return None
         return _TS.unpack(body[: _TS.size])[0]
 

@@ -408,6 +408,26 @@ def test_forged_and_foreign_nonces() -> None:
     assert _verify(header, a) is AuthStatus.INVALID
 
 
+def test_nonces_issued_before_the_blake2b_tags_still_verify() -> None:
+    """A nonce tagged HMAC-SHA256 (what siphon issued before) answered after an upgrade
+    is still valid on a node with the same secret; with another secret it is not."""
+    import hmac
+    import struct
+
+    clock = FakeClock()
+    body = struct.pack(">q", int(clock() * 1000)) + b"\x01" * 8
+    tag = hmac.digest(SECRET, b"siphon-digest-nonce-v1\x00" + body, "sha256")[:16]
+    old = base64.urlsafe_b64encode(body + tag).rstrip(b"=").decode()
+    assert NonceManager(SECRET, clock=clock).check(old) is NonceState.VALID
+    assert NonceManager(b"x" * 32, clock=clock).check(old) is NonceState.INVALID
+    header = _answer(challenge(REALM, old)[0])
+    assert _verify(header, NonceManager(SECRET, clock=clock)) is AuthStatus.OK
+    # what is issued now is not an HMAC-SHA256 tag
+    new = base64.urlsafe_b64decode(NonceManager(SECRET, clock=clock).generate() + "=")
+    assert new[16:] != hmac.digest(SECRET, b"siphon-digest-nonce-v1\x00" + new[:16],
+                                   "sha256")[:16]
+
+
 def test_future_nonce_invalid() -> None:
     clock = FakeClock()
     nonces = NonceManager(SECRET, clock=clock)
