@@ -357,6 +357,6 @@ def parse_cseq(value: str) -> tuple[int, str]:
 
 def parse_uint(value: str, name: str, limit: int) -> int:
     text = value.strip()
-    if not text.isdigit() or len(text) > 12 or int(text) > limit:
+    if not (text.isdigit() and text.isascii()) or len(text) > 12 or int(text) > limit:
         raise SipSyntaxError(f"bad {name} {text[:40]!r}")
     return int(text)

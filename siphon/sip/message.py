@@ -130,10 +130,12 @@ class Headers:
     def get_all(self, name: str) -> list[str]:
         """Every header line of ``name``, unsplit."""
         lname = _LOWER_CACHE.get(name) or _lname(name)
-        if lname not in self._lower:
+        lower = self._lower
+        if lname not in lower:
             return []
-        return [item[1] for item, low in zip(self._items, self._lower, strict=True)
-                if low == lname]
+        if lower.count(lname) == 1:
+            return [self._items[lower.index(lname)][1]]
+        return [item[1] for item, low in zip(self._items, lower, strict=True) if low == lname]
 
     def get_list(self, name: str) -> list[str]:
         """Every value of a list header, header lines and commas both split."""
@@ -317,7 +319,7 @@ class Message:
 class Request(Message):
     """A SIP request. ``uri`` is the Request-URI text; ``ruri`` its parsed form."""
 
-    __slots__ = ("_ruri", "method", "uri")
+    __slots__ = ("_ruri", "_ruri_of", "method", "uri")
 
     def __init__(self, method: str, uri: str, headers: Headers | None = None,
                  body: bytes = b"", version: str = "SIP/2.0") -> None:
@@ -325,11 +327,15 @@ class Request(Message):
         self.method = method
         self.uri = uri
         self._ruri: SipUri | None = None
+        self._ruri_of = ""
+        """The ``uri`` text ``_ruri`` was parsed from (``uri`` may be reassigned)."""
 
     @property
     def ruri(self) -> SipUri:
-        if self._ruri is None or str(self._ruri) != self.uri:
-            self._ruri = parse_uri(self.uri)
+        uri = self.uri
+        if self._ruri is None or self._ruri_of != uri:
+            self._ruri = parse_uri(uri)
+            self._ruri_of = uri
         return self._ruri
 
     def set_uri(self, uri: SipUri | str) -> None:

@@ -49,9 +49,8 @@ def _split_head(data: bytes) -> tuple[bytes, int] | None:
 
 _TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
 _FIELD_RE = re.compile(rf"({_TOKEN})[ \t]*:[ \t]*(.*)")
-# A whole header section of well-formed field lines (after unfolding), and one field
-# per line with trailing blanks dropped: two C-level scans instead of a loop per line.
-_FIELDS_OK_RE = re.compile(rf"(?:{_TOKEN}[ \t]*:[^\n]*\n)*{_TOKEN}[ \t]*:[^\n]*")
+# One field per well-formed line (after unfolding), trailing blanks dropped: one
+# C-level scan instead of a loop per line (a line that does not match is malformed).
 _FIELDS_RE = re.compile(
     rf"^({_TOKEN})[ \t]*:[ \t]*((?:[^\n]*[^ \t\n])?)[ \t]*$", re.MULTILINE)
 _SPACE_RE = re.compile(r"\s")
@@ -67,12 +66,12 @@ def _header_lines(head: str, max_headers: int) -> tuple[str, list[tuple[str, str
         rest = _FOLD_RE.sub(" ", rest)  # unfold continuation lines (LWS)
     if not rest:
         return start, []
-    if _FIELDS_OK_RE.fullmatch(rest) is None:
+    fields: list[tuple[str, str]] = _FIELDS_RE.findall(rest)
+    if len(fields) != rest.count("\n") + 1:  # (a match per well-formed line)
         for line in rest.split("\n"):
             if _FIELD_RE.fullmatch(line) is None:
                 raise SipSyntaxError(f"malformed header line {line[:60]!r}")
         raise SipSyntaxError("malformed header section")  # pragma: no cover - defensive
-    fields: list[tuple[str, str]] = _FIELDS_RE.findall(rest)
     if len(fields) > max_headers:
         raise SipSyntaxError("too many header fields", 513)
     return start, fields
@@ -155,17 +154,18 @@ def _check_common(msg: Message) -> None:
         for name in SINGLE_HEADERS:
             if lower.count(name) > 1:
                 raise SipSyntaxError(f"several {canonical_name(name)} header fields")
+    items = list(h)
     for lname, name in _REQUIRED:
-        if lname not in lower or not h.get(name):
+        if lname not in lower or not items[lower.index(lname)][1]:
             raise SipSyntaxError(f"missing {name} header")
     if not msg.vias:  # parses (and caches) every Via
         raise SipSyntaxError("missing Via header")
     msg.from_  # noqa: B018 - parse and cache
     msg.to  # noqa: B018
-    if _SPACE_RE.search(h.get("Call-ID") or ""):
+    if _SPACE_RE.search(items[lower.index("call-id")][1]):
         raise SipSyntaxError("bad Call-ID")
     if "max-forwards" in lower:
-        parse_uint(h.get("Max-Forwards") or "", "Max-Forwards", 255)
+        parse_uint(items[lower.index("max-forwards")][1], "Max-Forwards", 255)
 
 
 _REQUIRED = (("to", "To"), ("from", "From"), ("call-id", "Call-ID"), ("cseq", "CSeq"))

@@ -150,8 +150,27 @@ _FAST_SIP_RE = re.compile(
 )
 
 
+_RECENT: dict[str, SipUri] = {}
+"""Recently parsed URI texts (the same AoRs, contacts and Request-URIs come back in
+every REGISTER pair and refresh); parse_uri hands out copies, these stay private."""
+_RECENT_MAX = 4096
+
+
 def parse_uri(text: str) -> SipUri:
     """Parse a URI; unknown schemes are kept opaque. Raises SipSyntaxError."""
+    known = _RECENT.get(text)
+    if known is not None:
+        return SipUri(known.scheme, known.host, known.user, known.password, known.port,
+                      list(known.params), known.headers, known.opaque)
+    uri = _parse_uri(text)
+    if len(_RECENT) >= _RECENT_MAX:
+        _RECENT.clear()
+    _RECENT[text] = SipUri(uri.scheme, uri.host, uri.user, uri.password, uri.port,
+                           list(uri.params), uri.headers, uri.opaque)
+    return uri
+
+
+def _parse_uri(text: str) -> SipUri:
     m = _FAST_SIP_RE.fullmatch(text)
     if m is not None:
         port_text = m.group(4)
