@@ -19,14 +19,35 @@ EXIT_STARTUP = 3
 
 def _setup_logging(cfg: Config | None, verbose: bool = False) -> None:
     level = "debug" if verbose else (cfg.log.level if cfg is not None else "info")
-    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if cfg is not None and cfg.log.file:
         handlers.append(logging.FileHandler(cfg.log.file))
-    logging.basicConfig(level=level.upper(), format=fmt, handlers=handlers, force=True)
-    if cfg is not None and cfg.log.format == "json":
-        for handler in handlers:
-            handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=handlers, force=True)
+    json_format = cfg is not None and cfg.log.format == "json"
+    for handler in handlers:
+        handler.setFormatter(JsonFormatter() if json_format else TextFormatter())
+    # A script may log a line per registration: skip what neither format shows (the
+    # caller's file and line: a stack walk per record; thread and process ids).
+    logging._srcfile = None  # type: ignore[attr-defined]  # (see the logging HOWTO)
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message``, the time formatted once per second."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return self.default_msec_format % (self._stamp, record.msecs)
 
 
 class JsonFormatter(logging.Formatter):
