@@ -263,7 +263,7 @@ async def _state(args: argparse.Namespace) -> int:
     async with source:
         if target.offsets is not None and source.partitions > 1:
             missing = sorted(set(range(source.partitions)) - set(target.offsets))
-            if missing and not target.text.isdigit():
+            if missing and not (target.text.isascii() and target.text.isdigit()):
                 _say(f"--at names no offset for partitions {missing}: none of their "
                      "records are applied")
         if args.aor:

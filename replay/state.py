@@ -73,7 +73,7 @@ def parse_target(text: str | None) -> Target:
     if text is None or text.strip().lower() in ("", "now"):
         return Target()
     raw = text.strip()
-    if raw.isdigit():
+    if raw.isascii() and raw.isdigit():
         return Target(offsets={0: int(raw)}, text=raw)
     if _OFFSETS_RE.match(raw):
         offsets: dict[int, int] = {}
@@ -182,7 +182,8 @@ def _stop_for(target: Target, begin: Position, end: Position, partitions: int) -
     if target.offsets is None:
         return dict(end)
     offsets = target.offsets
-    if partitions > 1 and list(offsets) == [0] and target.text.isdigit():
+    if partitions > 1 and list(offsets) == [0] and (
+            target.text.isascii() and target.text.isdigit()):
         raise BadInput(f"--at {target.text}: this log has {partitions} partitions; give "
                        "partition:offset for each (e.g. 0:120,1:98,...)")
     stop: Position = {}

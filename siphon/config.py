@@ -366,7 +366,7 @@ def parse_hostport(value: str) -> tuple[str, int]:
             raise ValueError(f"{value!r}: IPv6 addresses must be bracketed, e.g. '[::1]:5060'")
         if not _HOSTNAME_RE.match(host):
             raise ValueError(f"{value!r}: invalid host {host!r}")
-    if not port_s.isdigit():
+    if not (port_s.isascii() and port_s.isdigit()):
         raise ValueError(f"{value!r} is not host:port")
     port = int(port_s)
     if port > 65535:
@@ -487,7 +487,8 @@ def _lookup(data: object, path: str) -> object:
     for part in re.findall(r"[^.\[\]]+|\[[^\]]*\]", path):
         if part.startswith("["):
             index = part[1:-1]
-            if not (isinstance(data, list) and index.isdigit() and int(index) < len(data)):
+            if not (isinstance(data, list) and index.isascii() and index.isdigit()
+                    and int(index) < len(data)):
                 return _MISSING
             data = data[int(index)]
         elif isinstance(data, dict) and part in data:

@@ -215,7 +215,7 @@ class SipCore:
             return
         host = via.param("received") or via.host
         rport = via.param("rport")
-        port = int(rport) if rport and rport.isdigit() else (via.port or 5060)
+        port = int(rport) if rport and (rport.isascii() and rport.isdigit()) else (via.port or 5060)
         dest = Source(via.transport.lower(), (host, port), ("", 0))
         self.send(up.encode(), dest)
 

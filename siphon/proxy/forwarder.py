@@ -109,7 +109,8 @@ class Forwarder:
             out.headers.remove("Route")
             out.headers.add("Route", ", ".join([*target.routes, *existing]))
         mf = out.headers.get("Max-Forwards")
-        out.headers.set("Max-Forwards", str(int(mf) - 1) if mf and mf.isdigit() else "70")
+        out.headers.set("Max-Forwards",
+                        str(int(mf) - 1) if mf and mf.isascii() and mf.isdigit() else "70")
         if target.via_source is not None and not target.routes:
             ip, port, transport = target.via_source
             hop = NextHop(ip, port, transport)

@@ -75,7 +75,7 @@ def plan_register(req: RegisterInput, current: dict[str, Binding], now: float, l
         expires = min(expires, limits.max_expires)
         instance = unquote_param(contact.param("+sip.instance") or "")
         reg_id_text = contact.param("reg-id") or "0"
-        reg_id = int(reg_id_text) if reg_id_text.isdigit() else 0
+        reg_id = int(reg_id_text) if (reg_id_text.isascii() and reg_id_text.isdigit()) else 0
         wanted[contact_key(contact.uri, instance, reg_id)] = (contact, expires, instance, reg_id)
 
     events: list[Event] = []
@@ -102,7 +102,7 @@ def plan_register(req: RegisterInput, current: dict[str, Binding], now: float, l
 
 def _requested_expires(contact: NameAddr, header: int | None, default: int) -> int:
     text = contact.param("expires")
-    if text is not None and text.isdigit():
+    if text is not None and (text.isascii() and text.isdigit()):
         return int(text)
     return header if header is not None else default
 

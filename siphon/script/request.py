@@ -145,7 +145,7 @@ class ScriptRequest:
     @property
     def max_forwards(self) -> int:
         value = self.msg.headers.get("Max-Forwards")
-        return int(value) if value and value.strip().isdigit() else 70
+        return int(value) if value and (value.strip().isascii() and value.strip().isdigit()) else 70
 
     @property
     def body(self) -> bytes | None:
@@ -183,10 +183,11 @@ class ScriptRequest:
                 value = parse_name_addr(contacts[0], allow_wildcard=True).param("expires")
             except SipSyntaxError:
                 value = None
-            if value is not None and value.isdigit():
+            if value is not None and (value.isascii() and value.isdigit()):
                 return int(value)
         expires = self.msg.headers.get("Expires")
-        return int(expires) if expires and expires.strip().isdigit() else None
+        text = (expires or "").strip()
+        return int(text) if text.isascii() and text.isdigit() else None
 
     # ---- headers -----------------------------------------------------------------
     def get_header(self, name: str) -> str | None:

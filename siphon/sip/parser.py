@@ -254,7 +254,7 @@ class StreamFramer:
             name, sep, value = line.partition(b":")
             if sep and canonical_name(name.strip().decode("latin-1")) == "Content-Length":
                 text = value.strip().decode("latin-1")
-                if not text.isdigit():
+                if not (text.isascii() and text.isdigit()):
                     raise SipSyntaxError("bad Content-Length")
                 clen = int(text)
                 break

@@ -134,7 +134,8 @@ def parse_host(text: str) -> tuple[str, int | None]:
             raise SipSyntaxError(f"bad host {host!r}")
     port: int | None = None
     if port_text is not None:
-        if not port_text.isdigit() or len(port_text) > 5 or int(port_text) > 65535:
+        if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5 \
+                or int(port_text) > 65535:
             raise SipSyntaxError(f"bad port {port_text!r}")
         port = int(port_text)
     return host, port

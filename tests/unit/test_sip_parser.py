@@ -58,6 +58,17 @@ def test_folded_lines_and_size_limits() -> None:
         parse_message(many, max_headers=256)
 
 
+@pytest.mark.parametrize("header", [b"Expires: \xc2\xb2", b"Max-Forwards: \xd9\xa7",
+                                    b"Content-Length: \xef\xbc\x90"])
+def test_non_ascii_digits_are_a_400_not_a_crash(header: bytes) -> None:
+    """``str.isdigit`` is true for superscripts and other scripts' digits, which int()
+    refuses: such a number is a bad header (400), not an internal error."""
+    msg = REGISTER.replace(b"Max-Forwards: 70", header)
+    with pytest.raises(ParseError) as exc:
+        parse_message(msg)
+    assert exc.value.status == 400 and exc.value.partial is not None
+
+
 def test_stream_framing_uses_content_length() -> None:
     body_msg = REGISTER.replace(b"Content-Length: 0", b"Content-Length: 5") + b"hello"
     framer = StreamFramer()
