@@ -53,6 +53,7 @@ from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 
 from events.codec import EventDecodeError, decode, encode
+from events.deadlines import Deadlines
 from events.embedded import _gc_paused
 from events.log import EventLog, LogCorruption, LogError, Position, Record
 from events.schema import EVENT_TYPES, Event, event_key
@@ -176,6 +177,7 @@ class KafkaLog(EventLog):
         follow_max_wait_ms: int = 100,
     ) -> None:
         self.config = config
+        self._deadlines = Deadlines(config.append_timeout)
         self.topic = config.topic
         self.node_id = node_id
         self.connect_timeout = connect_timeout
@@ -426,21 +428,24 @@ class KafkaLog(EventLog):
         # into shared record batches (its explicit batch API, send_batch, misbehaves
         # under concurrency: spurious KafkaTimeoutError).
         futures: list[asyncio.Future[Any]] = []
+        deadline = self._deadlines.enter()  # (one timer per 50 ms of appends)
         try:
-            async with asyncio.timeout(self.config.append_timeout):
-                for key, value, partition in prepared:
-                    futures.append(
-                        await producer.send(self.topic, value, key=key, partition=partition))
-                results = [await fut for fut in futures]  # all sent: wait for each
-        except TimeoutError as exc:
+            for key, value, partition in prepared:
+                futures.append(
+                    await producer.send(self.topic, value, key=key, partition=partition))
+            results = [await fut for fut in futures]  # all sent: wait for each
+        except asyncio.CancelledError:
+            if not self._deadlines.timed_out(deadline):
+                raise
             raise LogError(
                 f"kafka topic {self.topic}: append not acknowledged within "
-                f"{self.config.append_timeout:g} s; outcome unknown") from exc
+                f"{self.config.append_timeout:g} s; outcome unknown") from None
         except kerr.KafkaError as exc:
             if isinstance(exc, _PRODUCER_BROKEN):
                 await self._replace_producer(producer, type(exc).__name__)
             raise LogError(f"kafka topic {self.topic}: append failed: {exc!r}") from exc
         finally:
+            self._deadlines.leave(deadline)
             for fut in futures:  # retrieve failures nobody awaits any more
                 if fut.done() and not fut.cancelled():
                     fut.exception()
