@@ -178,7 +178,9 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(run(args))
+    import uvloop  # as `siphon run` does
+
+    uvloop.run(run(args))
 
 
 if __name__ == "__main__":
