@@ -227,13 +227,29 @@ def _simple_params(text: str) -> list[tuple[str, str | None]]:
     return params
 
 
+_RECENT: dict[str, NameAddr] = {}
+"""Recently parsed everyday name-addrs (a REGISTER pair repeats From, To and Contact;
+so do refreshes); parse_name_addr hands out copies, these stay private."""
+_RECENT_MAX = 4096
+
+
 def parse_name_addr(value: str, *, allow_wildcard: bool = False) -> NameAddr:
     """Parse one From/To/Contact/Route value (strict about RFC 4475 §3.1.2 cases)."""
+    known = _RECENT.get(value)
+    if known is not None:
+        uri = known.uri
+        return NameAddr(SipUri(uri.scheme, uri.host, uri.user, uri.password, uri.port,
+                               list(uri.params), uri.headers, uri.opaque),
+                        known.display, list(known.params))
     m = _FAST_NAME_ADDR_RE.fullmatch(value)
     if m is not None:
         ptext = m.group(3)
-        return NameAddr(parse_uri(m.group(2)), m.group(1),
-                        _simple_params(ptext) if ptext else [])
+        parsed = NameAddr(parse_uri(m.group(2)), m.group(1),
+                          _simple_params(ptext) if ptext else [])
+        if len(_RECENT) >= _RECENT_MAX:
+            _RECENT.clear()
+        _RECENT[value] = NameAddr(parse_uri(m.group(2)), parsed.display, list(parsed.params))
+        return parsed
     text = value.strip()
     if allow_wildcard and text == "*":
         return NameAddr(SipUri("sip"), wildcard=True)

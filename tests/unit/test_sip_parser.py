@@ -69,6 +69,24 @@ def test_non_ascii_digits_are_a_400_not_a_crash(header: bytes) -> None:
     assert exc.value.status == 400 and exc.value.partial is not None
 
 
+def test_recently_parsed_uris_and_name_addrs_are_handed_out_as_copies() -> None:
+    """parse_uri and parse_name_addr remember recent texts; changing what they returned
+    (a script setting a parameter, fix_nated_register) must not leak into later parses."""
+    from siphon.sip.headers import parse_name_addr
+    from siphon.sip.uri import parse_uri
+
+    text = "<sip:carol@example.com;transport=tcp>;tag=t1"
+    first = parse_name_addr(text)
+    first.set_param("tag", "changed")
+    first.uri.set_param("transport", "udp")
+    first.uri.params.append(("x", None))
+    again = parse_name_addr(text)
+    assert str(again) == text and again is not first and again.uri is not first.uri
+    uri = parse_uri("sip:carol@example.com:5070;lr")
+    uri.set_param("lr", "1")
+    assert str(parse_uri("sip:carol@example.com:5070;lr")) == "sip:carol@example.com:5070;lr"
+
+
 def test_stream_framing_uses_content_length() -> None:
     body_msg = REGISTER.replace(b"Content-Length: 0", b"Content-Length: 5") + b"hello"
     framer = StreamFramer()
