@@ -87,8 +87,19 @@ class SipCore:
     # ---- entry point -------------------------------------------------------------
     def receive(self, data: bytes, source: Source) -> None:
         """Handle the octets of one message (a datagram or a framed stream message)."""
+        datagram = source.transport == "udp"
+        if datagram:
+            # A retransmission (same octets) is answered before any parsing: under
+            # overload, retransmitted REGISTERs must not cost as much as new ones.
+            tx = self.transactions.match_datagram(data)
+            if tx is not None:
+                self._count("retransmissions")
+                wire = tx.on_retransmission()
+                if wire is not None:
+                    self.send(wire, source)
+                return
         try:
-            msg = parse_message(data, datagram=source.transport == "udp",
+            msg = parse_message(data, datagram=datagram,
                                 max_size=self.max_message_size, max_headers=self.max_headers)
         except ParseError as exc:
             self._count("parse_errors")
@@ -106,7 +117,8 @@ class SipCore:
             self._count("overload_dropped")
             return
         self.inflight += 1
-        task = asyncio.get_running_loop().create_task(self._handle(msg, source))
+        task = asyncio.get_running_loop().create_task(
+            self._handle(msg, source, data if datagram else None))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
@@ -127,7 +139,7 @@ class SipCore:
         self.send(resp.encode(), source)
 
     # ---- transactions --------------------------------------------------------------
-    async def _handle(self, req: Request, source: Source) -> None:
+    async def _handle(self, req: Request, source: Source, datagram: bytes | None = None) -> None:
         self._count(f"requests_{req.method}" if req.method.isalpha() else "requests_other")
         if req.method == "ACK":
             tx = self.transactions.match(req)
@@ -147,7 +159,8 @@ class SipCore:
             if wire is not None:
                 self.send(wire, source)
             return
-        tx = self.transactions.create(req, reliable=source.transport != "udp", key=key)
+        tx = self.transactions.create(req, reliable=source.transport != "udp", key=key,
+                                      datagram=datagram)
         if tx is None:
             self.send(self._response(req, 503, "Service Unavailable",
                                      [("Retry-After", "5")]).encode(), source)

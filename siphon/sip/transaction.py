@@ -72,6 +72,8 @@ class ServerTransaction:
     expires_at: float | None = None
     """When the transaction is forgotten (timer J / H / I), None while active."""
     data: dict[str, object] = field(default_factory=dict)
+    wire: int | None = field(default=None, repr=False, compare=False)
+    """``hash()`` of the request's datagram (see ``ServerTransactionTable.match_datagram``)."""
     on_expiry: Callable[[ServerTransaction], None] | None = field(
         default=None, repr=False, compare=False)
     """Told when ``expires_at`` is set (the table schedules the removal)."""
@@ -135,6 +137,9 @@ class ServerTransactionTable:
         self._clock = clock
         self._items: dict[tuple[str, ...], ServerTransaction] = {}
         self._timers: list[tuple[float, int, tuple[str, ...]]] = []
+        self._datagrams: dict[int, tuple[str, ...]] = {}
+        """``hash()`` of a request datagram -> its transaction's key (pruned when it
+        holds twice as many entries as the table)."""
         self._last_created = float("-inf")
         self._seq = itertools.count()
         self.max_size = max_size
@@ -163,9 +168,26 @@ class ServerTransactionTable:
             return None
         return tx
 
+    def match_datagram(self, data: bytes) -> ServerTransaction | None:
+        """The live transaction started by an identical datagram (a UDP retransmission),
+        found without parsing; None otherwise. (Matched by ``hash()``, keyed per process,
+        and confirmed by the Call-ID in the datagram; holding each request's octets
+        for the transaction's 32 s would cost more memory than the responses do.)"""
+        h = hash(data)
+        key = self._datagrams.get(h)
+        if key is None:
+            return None
+        tx = self._items.get(key)
+        if tx is None or tx.wire != h or key[4].encode("utf-8", "surrogateescape") not in data \
+                or (tx.expires_at is not None and tx.expires_at <= self._clock()):
+            return None
+        return tx
+
     def create(self, request: Request, reliable: bool,
-               key: tuple[str, ...] | None = None) -> ServerTransaction | None:
-        """Start a transaction; None when the table is full (caller answers 503)."""
+               key: tuple[str, ...] | None = None,
+               datagram: bytes | None = None) -> ServerTransaction | None:
+        """Start a transaction; None when the table is full (caller answers 503).
+        ``datagram``: the request as received over UDP, for :meth:`match_datagram`."""
         # Creation times never decrease, so the table (a dict) is in creation order
         # even if an injected clock steps back; expire() relies on it.
         now = self._last_created = max(self._clock(), self._last_created)
@@ -178,6 +200,13 @@ class ServerTransactionTable:
         tx = ServerTransaction(server_key(request) if key is None else key, request.method,
                                reliable, now, on_expiry=self._schedule)
         self._items[tx.key] = tx
+        if datagram is not None:
+            tx.wire = h = hash(datagram)
+            datagrams = self._datagrams
+            datagrams[h] = tx.key
+            if len(datagrams) > 2 * len(self._items) + 1024:  # drop the departed ones
+                self._datagrams = {t.wire: k for k, t in self._items.items()
+                                   if t.wire is not None}
         return tx
 
     def discard(self, tx: ServerTransaction) -> None:

@@ -70,3 +70,42 @@ def test_invite_answered_2xx_absorbs_retransmissions_for_timer_l() -> None:
     assert again is tx and again.on_retransmission() is None  # absorbed
     clock.now += 0.02
     assert table.match(_req(method="INVITE")) is None
+
+
+def _datagram(call_id: str = "x", branch: str = "z9hG4bKkdjuw") -> bytes:
+    return (f"REGISTER sip:example.com SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP saturn.example.com:5060;branch={branch}\r\n"
+            "From: <sip:a@example.com>;tag=1\r\nTo: <sip:a@example.com>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def test_identical_datagram_matches_its_transaction_without_parsing() -> None:
+    clock = Clock()
+    table = ServerTransactionTable(clock)
+    data = _datagram()
+    request = parse_message(data)
+    assert isinstance(request, Request)
+    tx = table.create(request, reliable=False, datagram=data)
+    assert tx is not None
+    assert table.match_datagram(bytes(data)) is tx  # a retransmission: same octets
+    assert table.match_datagram(_datagram(branch="z9hG4bKother")) is None
+    assert table.match_datagram(_datagram(call_id="y")) is None
+    tx.on_response(200, b"200", clock.now)
+    assert table.match_datagram(data) is tx
+    clock.now += 64 * T1 + 0.01  # timer J ran out: a new transaction, not a replay
+    assert table.match_datagram(data) is None
+
+
+def test_datagram_index_does_not_outgrow_the_table() -> None:
+    clock = Clock()
+    table = ServerTransactionTable(clock)
+    for i in range(5000):
+        data = _datagram(call_id=f"c{i}")
+        request = parse_message(data)
+        assert isinstance(request, Request)
+        tx = table.create(request, reliable=True, datagram=data)
+        assert tx is not None
+        tx.on_response(200, b"200", clock.now)  # reliable: gone at the next sweep
+        clock.now += 0.01
+    assert len(table) < 200
+    assert len(table._datagrams) <= 2 * len(table) + 1024
