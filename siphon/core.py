@@ -140,7 +140,8 @@ class SipCore:
 
     # ---- transactions --------------------------------------------------------------
     async def _handle(self, req: Request, source: Source, datagram: bytes | None = None) -> None:
-        self._count(f"requests_{req.method}" if req.method.isalpha() else "requests_other")
+        method = req.method
+        self._count(_REQUEST_COUNTERS.get(method) or _request_counter(method))
         if req.method == "ACK":
             tx = self.transactions.match(req)
             if tx is not None:
@@ -179,7 +180,8 @@ class SipCore:
             self.transactions.discard(tx)  # silent drop: a retransmission runs it again
             return
         if req.method == "REGISTER":
-            self._count(f"register_{register_outcome(resp.status)}")
+            self._count(_REGISTER_COUNTERS.get(resp.status)
+                        or f"register_{register_outcome(resp.status)}")
         self._respond(tx, source, resp)
 
     def _respond(self, tx: ServerTransaction | None, source: Source, resp: Response) -> None:
@@ -192,7 +194,7 @@ class SipCore:
                 timer_g = InviteServerRetransmitter(wire, time.monotonic())
                 tx.data["timer_g"] = timer_g
                 self._arm_timer_g(timer_g, source)
-        self._count(f"responses_{resp.status}")
+        self._count(_RESPONSE_COUNTERS.get(resp.status) or f"responses_{resp.status}")
         self.send(wire, source)
 
     def _arm_timer_g(self, timer_g: InviteServerRetransmitter, source: Source) -> None:
@@ -265,12 +267,13 @@ class SipCore:
         handlers = reg.registry.request_handlers(req.method)
         if not handlers:
             return self._response(req, 500, "No Script Handler")
-        await self.auth.prefetch(req)
+        if self.auth.http is not None:
+            await self.auth.prefetch(req)
         sreq = ScriptRequest(req, source, self.domains, self.identity)
         for handler in handlers:
             try:
                 result = handler.fn(sreq)
-                if asyncio.iscoroutine(result):
+                if result is not None and asyncio.iscoroutine(result):
                     await result
             except Exception:
                 log.exception("script handler %s raised on %s %s",
@@ -383,6 +386,17 @@ class SipCore:
         self.draining = True
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+
+
+_REQUEST_COUNTERS = {m: f"requests_{m}" for m in (
+    "REGISTER", "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "MESSAGE", "SUBSCRIBE",
+    "NOTIFY", "INFO", "PRACK", "UPDATE", "REFER", "PUBLISH")}
+_RESPONSE_COUNTERS = {s: f"responses_{s}" for s in range(100, 700)}
+_REGISTER_COUNTERS = {s: f"register_{register_outcome(s)}" for s in range(200, 700)}
+
+
+def _request_counter(method: str) -> str:
+    return f"requests_{method}" if method.isalpha() else "requests_other"
 
 
 _date_cache: tuple[int, str] = (-1, "")
