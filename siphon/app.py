@@ -93,7 +93,8 @@ class Node:
         self.auth = AuthService(cfg.auth)
         self.transports = Transports(self._receive, max_message_size=cfg.server.max_message_size,
                                      idle_timeout=cfg.server.tcp_idle_timeout,
-                                     max_connections=cfg.server.max_connections)
+                                     max_connections=cfg.server.max_connections,
+                                     udp_receive_buffer=cfg.server.udp_receive_buffer)
         self.core = SipCore(
             domains=cfg.domain.local, registrar=self.registrar, auth=self.auth,
             send=self.transports.send, server_header=cfg.server.server_header,

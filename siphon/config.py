@@ -281,6 +281,10 @@ class Server(_Base):
     max_headers: PosInt = 256
     tcp_idle_timeout: PosFloat = 600.0
     max_connections: PosInt = 10000
+    udp_receive_buffer: PosInt = 512 * 1024
+    """SO_RCVBUF of UDP listeners (bytes; the kernel may double or cap it). It bounds
+    how long datagrams queue when the node is overloaded: a larger one absorbs longer
+    bursts, but past capacity everything answered is that much older."""
 
 
 class Log(_Base):

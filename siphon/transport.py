@@ -138,8 +138,10 @@ class Transports:
     """Every listener of the node; routes outgoing octets back to their source."""
 
     def __init__(self, receiver: Receiver, *, max_message_size: int = 65535,
-                 idle_timeout: float = 600.0, max_connections: int = 10000) -> None:
+                 idle_timeout: float = 600.0, max_connections: int = 10000,
+                 udp_receive_buffer: int = 512 * 1024) -> None:
         self.receiver = receiver
+        self.udp_receive_buffer = udp_receive_buffer
         self.udp: dict[tuple[str, int], UdpProtocol] = {}
         self.tcp: list[TcpServer] = []
         self.max_message_size = max_message_size
@@ -154,9 +156,12 @@ class Transports:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        # A modest receive buffer: under overload a deep queue only makes every answer
+        # late (clients retransmit, then give up); the send side never queues much.
+        for opt, size in ((socket.SO_RCVBUF, self.udp_receive_buffer),
+                          (socket.SO_SNDBUF, 4 * 1024 * 1024)):
             try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
             except OSError:
                 pass
         sock.bind((host, port))
