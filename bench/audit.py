@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=245_760, help="records per transaction")
     p.add_argument("--generic", type=int, default=0,
                    help="also ingest this many records through EventLog.read (0: skip)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="DuckDB threads while ingesting (0: DuckDB's default, one per core)")
     p.add_argument("--keep", action="store_true", help="keep the temporary files")
     p.add_argument("--seed", type=int, default=1)
     return p.parse_args(argv)
@@ -62,7 +64,8 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def ingest(log: Path, db: Path, batch: int, generic: int = 0) -> dict[str, float]:
+async def ingest(log: Path, db: Path, batch: int, generic: int = 0,
+                 threads: int = 0) -> dict[str, float]:
     from events.embedded import EmbeddedLog
     from projections.duckdb import (
         AuditProjector,
@@ -74,6 +77,8 @@ async def ingest(log: Path, db: Path, batch: int, generic: int = 0) -> dict[str,
     )
 
     con = connect(db)
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
     ensure_schema(con)
     projector = AuditProjector(con)
     if generic:
@@ -144,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         n = asyncio.run(rebuild.count_events(log))
         print(f"log: {log} ({n:,} events, {U.fmt_bytes(log.stat().st_size)}, "
               f"disk {U.disk_of(log)})")
-        r = asyncio.run(ingest(log, db, args.batch))
+        r = asyncio.run(ingest(log, db, args.batch, threads=args.threads))
         rate = r["events"] / r["seconds"]
         size = db.stat().st_size
         print(f"ingest: {r['events']:,} events in {r['seconds']:.1f} s = {rate:,.0f} events/s "
               f"(target >= {INGEST_TARGET:,}: {'met' if rate >= INGEST_TARGET else 'MISSED'}); "
               f"CPU {r['cpu']:.1f} s = {r['cpu'] / r['events'] * 1e6:.1f} us/event; "
-              f"close (checkpoint) {r['close']:.1f} s; load average ~{r['load']:.1f}")
+              f"close (checkpoint) {r['close']:.1f} s; load average ~{r['load']:.1f}; "
+              f"peak RSS {U.fmt_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}")
         print(f"  rows: events_raw {r['events_raw']:,}, sessions closed "
               f"{r['binding_sessions_closed']:,}, open {r['binding_open']:,}")
         print(f"duckdb file: {U.fmt_bytes(size)} = {size / r['events'] * 1e6 / 2**20:,.0f} MiB "

@@ -104,9 +104,11 @@ def append_raw(path: Path, payloads: Sequence[bytes]) -> None:
 
 async def ingest(log_path: Path, db_path: Path, *, batch_size: int = 250_000,
                  fail: Callable[[], None] | None = None,
-                 derive_every: int = DERIVE_EVERY) -> int:
+                 derive_every: int = DERIVE_EVERY, threads: int | None = None) -> int:
     con = connect(db_path)
     try:
+        if threads is not None:
+            con.execute(f"SET threads = {threads}")
         ensure_schema(con)
         projector = AuditProjector(con)
         projector.fail_after_events = fail
