@@ -93,10 +93,7 @@ class SipCore:
             # overload, retransmitted REGISTERs must not cost as much as new ones.
             tx = self.transactions.match_datagram(data)
             if tx is not None:
-                self._count("retransmissions")
-                wire = tx.on_retransmission()
-                if wire is not None:
-                    self.send(wire, source)
+                self._replay(tx, source)
                 return
         try:
             msg = parse_message(data, datagram=datagram,
@@ -121,6 +118,13 @@ class SipCore:
             self._handle(msg, source, data if datagram else None))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+
+    def _replay(self, tx: ServerTransaction, source: Source) -> None:
+        """A retransmitted request: send its transaction's last response, if any."""
+        self._count("retransmissions")
+        wire = tx.on_retransmission()
+        if wire is not None:
+            self.send(wire, source)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -155,10 +159,7 @@ class SipCore:
         key = server_key(req)
         tx = self.transactions.match(req, key)
         if tx is not None:
-            self._count("retransmissions")
-            wire = tx.on_retransmission()
-            if wire is not None:
-                self.send(wire, source)
+            self._replay(tx, source)
             return
         tx = self.transactions.create(req, reliable=source.transport != "udp", key=key,
                                       datagram=datagram)
