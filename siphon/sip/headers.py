@@ -203,6 +203,10 @@ class NameAddr:
     def tag(self) -> str | None:
         return self.param("tag")
 
+    def copy(self) -> NameAddr:
+        """A copy whose URI and parameter list can change independently."""
+        return NameAddr(self.uri.copy(), self.display, list(self.params), self.wildcard)
+
     def __str__(self) -> str:
         if self.wildcard:
             return "*"
@@ -237,10 +241,7 @@ def parse_name_addr(value: str, *, allow_wildcard: bool = False) -> NameAddr:
     """Parse one From/To/Contact/Route value (strict about RFC 4475 §3.1.2 cases)."""
     known = _RECENT.get(value)
     if known is not None:
-        uri = known.uri
-        return NameAddr(SipUri(uri.scheme, uri.host, uri.user, uri.password, uri.port,
-                               list(uri.params), uri.headers, uri.opaque),
-                        known.display, list(known.params))
+        return known.copy()
     m = _FAST_NAME_ADDR_RE.fullmatch(value)
     if m is not None:
         ptext = m.group(3)
@@ -248,7 +249,7 @@ def parse_name_addr(value: str, *, allow_wildcard: bool = False) -> NameAddr:
                           _simple_params(ptext) if ptext else [])
         if len(_RECENT) >= _RECENT_MAX:
             _RECENT.clear()
-        _RECENT[value] = NameAddr(parse_uri(m.group(2)), parsed.display, list(parsed.params))
+        _RECENT[value] = parsed.copy()
         return parsed
     text = value.strip()
     if allow_wildcard and text == "*":

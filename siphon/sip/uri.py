@@ -161,13 +161,11 @@ def parse_uri(text: str) -> SipUri:
     """Parse a URI; unknown schemes are kept opaque. Raises SipSyntaxError."""
     known = _RECENT.get(text)
     if known is not None:
-        return SipUri(known.scheme, known.host, known.user, known.password, known.port,
-                      list(known.params), known.headers, known.opaque)
+        return known.copy()
     uri = _parse_uri(text)
     if len(_RECENT) >= _RECENT_MAX:
         _RECENT.clear()
-    _RECENT[text] = SipUri(uri.scheme, uri.host, uri.user, uri.password, uri.port,
-                           list(uri.params), uri.headers, uri.opaque)
+    _RECENT[text] = uri.copy()
     return uri
 
 
