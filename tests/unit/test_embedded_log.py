@@ -76,6 +76,29 @@ async def test_round_trip_and_offsets(log: EmbeddedLog, db_path: Path) -> None:
     assert gc.isenabled()  # the collector pause while decoding was undone
 
 
+async def test_large_groups_span_several_insert_statements(db_path: Path) -> None:
+    # A group larger than one INSERT statement's chunk, with appends of odd sizes
+    # around it: every event lands at its offset, in order, intact after reopening.
+    log = EmbeddedLog(db_path, group_commit_max=5_000)
+    await log.open()
+    sizes = [1, 1_203, 7, 499, 500, 501, 2]
+    events = [make_event(i) for i in range(sum(sizes))]
+    chunks, start = [], 0
+    for n in sizes:
+        chunks.append(events[start : start + n])
+        start += n
+    results = await asyncio.gather(*(log.append(c) for c in chunks))
+    flat = [off for result in results for _, off in result]
+    assert flat == list(range(len(events)))
+    await log.close()
+    log = EmbeddedLog(db_path)
+    await log.open()
+    try:
+        assert await read_all(log) == [Record(0, i, e) for i, e in enumerate(events)]
+    finally:
+        await log.close()
+
+
 async def test_rows_hold_codec_payload_and_crc(log: EmbeddedLog, db_path: Path) -> None:
     event = make_event(0)
     await log.append([event])
