@@ -11,6 +11,7 @@ with the process idle, then with a thread spinning Python code as a busy event
 loop does.
 
 Example:  python bench/log_commit.py --group 2000 --repeat 5
+          python bench/log_commit.py --group 200 --switch-interval 0.005
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -26,6 +28,7 @@ from pathlib import Path
 import _util as U
 
 from events.embedded import EmbeddedLog
+from siphon.app import SERVING_SWITCH_INTERVAL
 
 
 async def measure(path: Path, group: int, repeat: int, busy: bool) -> list[float]:
@@ -60,7 +63,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--group", type=int, default=2000, help="events per append (default 2000)")
     p.add_argument("--repeat", type=int, default=5, help="appends per case (default 5)")
+    p.add_argument("--switch-interval", type=float, default=SERVING_SWITCH_INTERVAL,
+                   help="sys.setswitchinterval() in seconds (default: siphon's while "
+                        f"serving, {SERVING_SWITCH_INTERVAL:g}; Python's own is 0.005)")
     args = p.parse_args()
+    sys.setswitchinterval(args.switch_interval)
     with tempfile.TemporaryDirectory(prefix="siphon-bench-log-commit-") as work:
         for busy in (False, True):
             took = asyncio.run(measure(Path(work) / f"events-{busy}.db", args.group,
